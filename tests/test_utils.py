@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -55,3 +57,16 @@ def test_write_json_atomic_is_strict(tmp_path):
     text = path.read_text()
     assert "NaN" not in text
     assert json.loads(text) == {"auc": None, "auc_reason": "one class only"}
+
+
+def test_atomic_outputs_follow_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "file.txt") as tmp:
+            tmp.write_text("x")
+        with atomic_path(tmp_path / "folder", is_dir=True) as tmp:
+            (tmp / "inner.txt").write_text("y")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "file.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755

@@ -15,6 +15,13 @@ from typing import Any, Iterator
 logger = logging.getLogger(__name__)
 
 
+def _current_umask() -> int:
+    # os.umask can only be read by setting it; restore it at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` and rename it into place on success.
@@ -27,12 +34,17 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pa
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{final.name}.tmp-"
+    # mkstemp/mkdtemp create owner-only entries (0600/0700); artifacts should
+    # get the same permissions as any other file the user creates.
+    umask = _current_umask()
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+        os.chmod(tmp, 0o777 & ~umask)
     else:
         handle, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
         os.close(handle)
         tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
         if is_dir and final.exists():
