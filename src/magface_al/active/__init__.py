@@ -1,0 +1,1 @@
+"""Active learning: mine candidate pairs, choose which to ask about, simulate labelling rounds."""

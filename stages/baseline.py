@@ -1,0 +1,81 @@
+"""Stage baseline: embed with the pretrained model, calibrate on validation pairs, measure the test pairs.
+
+Writes ``--metrics`` (default ``metrics/baseline.json``), the plot tables
+``roc.csv``, ``score_histogram.csv`` and ``error_reject.csv`` in ``--plots``
+(default ``plots/baseline``), and the embeddings used in ``--features``
+(default ``features/baseline``: ``test/`` and ``val/``). The evaluate stage
+writes the same keys for the fine-tuned model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from magface_al.data.faces import FaceRecordDataset
+from magface_al.evaluation.pipeline import EvaluationOptions, evaluate_model, write_evaluation
+from magface_al.models.checkpoint import load_model
+from magface_al.models.device import select_device
+from magface_al.pairs.table import read_pairs_csv
+from magface_al.params import load_section
+from magface_al.utils import atomic_path, setup_logging
+
+logger = logging.getLogger("stages.baseline")
+
+
+@dataclasses.dataclass
+class BaselineParams:
+    """The ``baseline`` section of params.yaml."""
+
+    arch: str | None = None  # architecture when the checkpoint stores no specification; null infers it
+    batch_size: int = 64
+    workers: int = 2  # image-decoding worker processes
+    flip: bool = False  # add the features of the mirrored image
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="pretrained checkpoint")
+    parser.add_argument("--data", default="data/subset", help="face dataset folder")
+    parser.add_argument("--pairs", default="data/pairs", help="folder with val.csv and test.csv")
+    parser.add_argument("--metrics", default="metrics/baseline.json", help="output metrics file")
+    parser.add_argument("--plots", default="plots/baseline", help="output folder for the plot tables")
+    parser.add_argument("--features", default="features/baseline", help="output folder for the embeddings")
+    parser.add_argument("--params", default="params.yaml", help="params file with the baseline and evaluation sections")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, params: BaselineParams, options: EvaluationOptions) -> dict:
+    dataset = FaceRecordDataset(args.data)
+    val_pairs = read_pairs_csv(Path(args.pairs) / "val.csv")
+    test_pairs = read_pairs_csv(Path(args.pairs) / "test.csv")
+    model, spec = load_model(args.model, params.arch, device=select_device(params.device))
+    result = evaluate_model(
+        model, spec, dataset, val_pairs, test_pairs,
+        options=options, batch_size=params.batch_size, workers=params.workers, flip=params.flip,
+    )
+    extra = {"model": str(args.model), "arch": spec.arch, "flip": params.flip}
+    with atomic_path(args.plots, is_dir=True) as plots_tmp, atomic_path(args.features, is_dir=True) as features_tmp:
+        write_evaluation(
+            result, metrics_path=args.metrics, plots_dir=plots_tmp, features_dir=features_tmp,
+            val_pairs=val_pairs, extra_metrics=extra,
+        )
+    return result.metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    params = load_section(BaselineParams, "baseline", args.params)
+    options = load_section(EvaluationOptions, "evaluation", args.params)
+    run(args, params, options)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
