@@ -36,7 +36,7 @@ browser:
 	fi
 
 repro: install
-	$(BIN)/dvc repro
+	. $(BIN)/activate && dvc repro
 
 test: install-dev browser
 	$(BIN)/python -m pytest

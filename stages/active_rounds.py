@@ -123,8 +123,8 @@ def _plot(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
 
 
 def run(args: argparse.Namespace, params: ActiveRoundsParams, finetune_config: FinetuneConfig) -> dict[str, Any]:
-    from magface_al.models.checkpoint import load_model
     from magface_al.models.device import select_device
+    from magface_al.models.source import ModelSource
 
     config = params.rounds_config()
     dataset = FaceRecordDataset(args.data)
@@ -134,7 +134,8 @@ def run(args: argparse.Namespace, params: ActiveRoundsParams, finetune_config: F
     test_pairs = read_pairs_csv(pairs_dir / "test.csv")
     pool_keys = dataset.keys[np.isin(dataset.labels, split.feedback)]
     device = select_device(params.device)
-    model, spec = load_model(args.model, device=device)
+    source = load_section(ModelSource, "model", args.params)
+    model, spec = source.load(path=args.model, device=device)
 
     records = simulate_rounds(model, spec, dataset, pool_keys, val_pairs, test_pairs, config, finetune_config,
                               device=device)

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from magface_al.data.faces import FaceRecordDataset
 from magface_al.evaluation.pipeline import EvaluationOptions, evaluate_model, write_evaluation
-from magface_al.models.checkpoint import load_model
+from magface_al.models.source import ModelSource
 from magface_al.models.device import select_device
 from magface_al.pairs.table import read_pairs_csv
 from magface_al.params import load_section
@@ -31,7 +31,6 @@ logger = logging.getLogger("stages.baseline")
 class BaselineParams:
     """The ``baseline`` section of params.yaml."""
 
-    arch: str | None = None  # architecture when the checkpoint stores no specification; null infers it
     batch_size: int = 64
     workers: int = 2  # image-decoding worker processes
     flip: bool = False  # add the features of the mirrored image
@@ -40,7 +39,7 @@ class BaselineParams:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="pretrained checkpoint")
+    parser.add_argument("--model", required=True, help="pretrained checkpoint (model.checkpoint); the model section says how to read it")
     parser.add_argument("--data", default="data/subset", help="face dataset folder")
     parser.add_argument("--pairs", default="data/pairs", help="folder with val.csv and test.csv")
     parser.add_argument("--metrics", default="metrics/baseline.json", help="output metrics file")
@@ -50,11 +49,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace, params: BaselineParams, options: EvaluationOptions) -> dict:
+def run(args: argparse.Namespace, source: ModelSource, params: BaselineParams, options: EvaluationOptions) -> dict:
     dataset = FaceRecordDataset(args.data)
     val_pairs = read_pairs_csv(Path(args.pairs) / "val.csv")
     test_pairs = read_pairs_csv(Path(args.pairs) / "test.csv")
-    model, spec = load_model(args.model, params.arch, device=select_device(params.device))
+    model, spec = source.load(path=args.model, device=select_device(params.device))
     result = evaluate_model(
         model, spec, dataset, val_pairs, test_pairs,
         options=options, batch_size=params.batch_size, workers=params.workers, flip=params.flip,
@@ -71,9 +70,10 @@ def run(args: argparse.Namespace, params: BaselineParams, options: EvaluationOpt
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
+    source = load_section(ModelSource, "model", args.params)
     params = load_section(BaselineParams, "baseline", args.params)
     options = load_section(EvaluationOptions, "evaluation", args.params)
-    run(args, params, options)
+    run(args, source, params, options)
     return 0
 
 
