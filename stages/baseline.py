@@ -10,14 +10,13 @@ writes the same keys for the fine-tuned model.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from magface_al.data.faces import FaceRecordDataset
-from magface_al.evaluation.pipeline import EvaluationOptions, evaluate_model, write_evaluation
+from magface_al.evaluation.pipeline import EmbeddingSettings, EvaluationOptions, evaluate_model, write_evaluation
 from magface_al.models.source import ModelSource
 from magface_al.models.device import select_device
 from magface_al.pairs.table import read_pairs_csv
@@ -25,16 +24,6 @@ from magface_al.params import load_section
 from magface_al.utils import atomic_path, setup_logging
 
 logger = logging.getLogger("stages.baseline")
-
-
-@dataclasses.dataclass
-class BaselineParams:
-    """The ``baseline`` section of params.yaml."""
-
-    batch_size: int = 64
-    workers: int = 2  # image-decoding worker processes
-    flip: bool = False  # add the features of the mirrored image
-    device: str = "auto"  # auto, cpu, cuda or cuda:N
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -49,7 +38,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace, source: ModelSource, params: BaselineParams, options: EvaluationOptions) -> dict:
+def run(args: argparse.Namespace, source: ModelSource, params: EmbeddingSettings, options: EvaluationOptions) -> dict:
     dataset = FaceRecordDataset(args.data)
     val_pairs = read_pairs_csv(Path(args.pairs) / "val.csv")
     test_pairs = read_pairs_csv(Path(args.pairs) / "test.csv")
@@ -71,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     source = load_section(ModelSource, "model", args.params)
-    params = load_section(BaselineParams, "baseline", args.params)
+    params = load_section(EmbeddingSettings, "baseline", args.params)
     options = load_section(EvaluationOptions, "evaluation", args.params)
     run(args, source, params, options)
     return 0

@@ -28,6 +28,20 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class EmbeddingSettings:
+    """How a model embeds the evaluation images; the ``baseline`` section of params.yaml.
+
+    The baseline and evaluate stages both read it, so the pretrained and the
+    fine-tuned model are embedded the same way (flip test included).
+    """
+
+    batch_size: int = 64
+    workers: int = 2  # image-decoding worker processes
+    flip: bool = False  # add the features of the mirrored image
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+
+
+@dataclass
 class EvaluationOptions:
     """Metric settings; the ``evaluation`` section of params.yaml."""
 
