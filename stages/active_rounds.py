@@ -29,7 +29,7 @@ from magface_al.active.strategies import STRATEGIES, SelectionParams
 from magface_al.data.faces import FaceRecordDataset
 from magface_al.pairs.splits import IdentitySplit
 from magface_al.pairs.table import read_pairs_csv
-from magface_al.params import ParamsError, from_mapping, load_section, read_params
+from magface_al.params import load_section
 from magface_al.training.finetune import FinetuneConfig
 from magface_al.utils import atomic_path, setup_logging, write_json_atomic
 
@@ -152,20 +152,12 @@ def run(args: argparse.Namespace, params: ActiveRoundsParams, finetune_config: F
     return summary
 
 
-def finetune_settings(params_path: str) -> FinetuneConfig:
-    """Read the fine-tuning settings from the ``finetune`` section, ignoring that stage's other keys."""
-    section = read_params(params_path).get("finetune")
-    if not isinstance(section, dict):
-        raise ParamsError(f"{params_path}: section 'finetune' is missing; the rounds fine-tune with its settings")
-    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    return from_mapping(FinetuneConfig, {k: v for k, v in section.items() if k in known}, "finetune")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     params = load_section(ActiveRoundsParams, "active_rounds", args.params)
-    finetune_config = finetune_settings(args.params)
+    # The rounds fine-tune exactly as the finetune stage does.
+    finetune_config = load_section(FinetuneConfig, "finetune.training", args.params)
     run(args, params, finetune_config)
     return 0
 

@@ -9,7 +9,9 @@ and anything that does not convert is rejected with an error naming the key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -20,6 +22,11 @@ import yaml
 T = TypeVar("T")
 
 DEFAULT_PARAMS_FILE = "params.yaml"
+
+# When set to a file path, every params lookup is appended to that file as one
+# JSON line, so a test can compare what each stage reads with what it declares
+# in dvc.yaml. Unset (the normal case), read_params returns a plain dict.
+TRACE_ENV = "MAGFACE_AL_PARAMS_TRACE"
 
 
 class ParamsError(ValueError):
@@ -35,7 +42,69 @@ def read_params(path: str | os.PathLike = DEFAULT_PARAMS_FILE) -> dict[str, Any]
         data = yaml.safe_load(handle) or {}
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    trace_file = os.environ.get(TRACE_ENV)
+    if trace_file:
+        return _TracedMapping(data, "", Path(trace_file))
     return data
+
+
+class _TracedMapping(dict):
+    """A params mapping that logs each lookup to a trace file (see ``TRACE_ENV``).
+
+    Looking up a key logs its dotted path, with kind ``node`` when the value is
+    a mapping (the caller may only descend into it) and ``value`` otherwise.
+    Iterating over the mapping logs its own path as a ``value``: the caller has
+    seen every key below it.
+    """
+
+    def __init__(self, data: dict, prefix: str, trace_file: Path) -> None:
+        super().__init__(data)
+        self._prefix = prefix
+        self._trace_file = trace_file
+
+    def _path(self, key: Any) -> str:
+        return f"{self._prefix}.{key}" if self._prefix else str(key)
+
+    def _record(self, path: str, kind: str) -> None:
+        entry = {"path": path, "section": path.split(".")[0], "kind": kind, "argv": sys.argv, "cwd": os.getcwd()}
+        with self._trace_file.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+    def _wrap(self, key: Any, value: Any) -> Any:
+        path = self._path(key)
+        if isinstance(value, dict):
+            self._record(path, "node")
+            return _TracedMapping(value, path, self._trace_file)
+        self._record(path, "value")
+        return value
+
+    def _record_whole(self) -> None:
+        self._record(self._prefix or "<all params>", "value")
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._wrap(key, super().__getitem__(key))
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self._record(self._path(key), "value")
+            return default
+        return self[key]
+
+    def __iter__(self):
+        self._record_whole()
+        return super().__iter__()
+
+    def keys(self):
+        self._record_whole()
+        return super().keys()
+
+    def values(self):
+        self._record_whole()
+        return [self[key] for key in super().keys()]
+
+    def items(self):
+        self._record_whole()
+        return [(key, self[key]) for key in super().keys()]
 
 
 def _convert(value: Any, annotation: Any, name: str) -> Any:

@@ -286,7 +286,7 @@ def write_evaluation(
     scored = ScoredPairs.from_pairs(
         result.test_pairs, result.test_scores, result.test_magnitude1, result.test_magnitude2, result.threshold
     )
-    write_plot_tables(plots_dir, scored)
+    write_plot_tables(plots_dir, scored, fmr=result.erc.fmr)
     if features_dir is not None:
         features_dir = Path(features_dir)
         test_labels = np.asarray(result.embeddings.labels)

@@ -85,8 +85,10 @@ def table_to_csv(rows: Sequence[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def write_plot_tables(out_dir: str | os.PathLike, scored: ScoredPairs) -> dict[str, str]:
+def write_plot_tables(out_dir: str | os.PathLike, scored: ScoredPairs, *, fmr: float = ERC_FMR) -> dict[str, str]:
     """Write ``roc.csv``, ``score_histogram.csv`` and ``error_reject.csv`` for one model into ``out_dir``.
+
+    ``fmr`` fixes the threshold of the error-versus-reject curve's FNMR column.
 
     Returns:
         The file names written, keyed by curve.
@@ -94,7 +96,7 @@ def write_plot_tables(out_dir: str | os.PathLike, scored: ScoredPairs) -> dict[s
     tables = {
         "roc": ("roc.csv", roc_table(scored)),
         "score_histogram": ("score_histogram.csv", histogram_table(scored)),
-        "error_reject": ("error_reject.csv", error_reject_table(scored)),
+        "error_reject": ("error_reject.csv", error_reject_table(scored, fmr=fmr)),
     }
     os.makedirs(out_dir, exist_ok=True)
     for file_name, rows in tables.values():

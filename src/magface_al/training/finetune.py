@@ -150,15 +150,17 @@ class FinetuneResult:
     train_seconds: float = 0.0
 
     def summary(self) -> dict[str, Any]:
-        """Return a JSON-ready summary (everything but the model)."""
+        """Return a JSON-ready summary (everything but the model).
+
+        Wall-clock times are left out: metrics files are DVC outputs, and
+        `dvc repro -f` must reproduce them byte for byte.
+        """
         best = self.history[self.best_epoch] if self.history else {}
         return {
             "best_epoch": self.best_epoch,
             "epochs_run": len(self.history) - 1,
             "stopped_early": self.stopped_early,
             "train_pairs": self.train_pairs,
-            "cache_seconds": round(self.cache_seconds, 3),
-            "train_seconds": round(self.train_seconds, 3),
             "pretrained_val_accuracy": self.history[0]["val_accuracy"] if self.history else None,
             "best_val_accuracy": best.get("val_accuracy"),
             "best_val_threshold": best.get("val_threshold"),
