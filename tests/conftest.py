@@ -8,6 +8,7 @@ without it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -55,3 +56,18 @@ def orl_copy(orl_dir: Path, tmp_path: Path) -> Path:
     for path in target.iterdir():
         path.chmod(0o644)
     return target
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_parity_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Keep the backend parity-gate cache of CLI runs out of the user's ~/.cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("parity-cache")
+    previous = os.environ.get("MAGFACE_AL_CACHE")
+    os.environ["MAGFACE_AL_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("MAGFACE_AL_CACHE", None)
+    else:
+        os.environ["MAGFACE_AL_CACHE"] = previous

@@ -11,6 +11,10 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+# The same names as magface_al.embedding.backends, repeated so that `--help` need not import torch.
+BACKEND_CHOICES = ("auto", "torch", "torch-channels-last", "torch-compile", "onnxruntime", "openvino")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
 # The summary that `verify --json` prints, in this order.
 VERIFY_KEYS = ("accuracy", "accuracy_std", "auc", "eer", "tar_at_far_1e-3")
 
@@ -91,17 +95,48 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument(
         "--backend",
-        choices=("auto", "torch", "onnxruntime"),
+        choices=BACKEND_CHOICES,
         default="auto",
-        help="inference engine; auto uses ONNX Runtime on the CPU when installed, torch on a GPU (default: auto)",
+        help="inference engine; auto gates every engine that runs here against torch float32 on the first faces "
+        "(results cached) and uses the fastest that passes (default: auto)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="numeric precision: fp32, bf16 (CPUs with AMX or AVX512-BF16, GPUs) or fp16 (GPUs); a reduced "
+        "precision is used only where it passes its parity gate (default: fp32)",
+    )
+    parser.add_argument(
+        "--parity-lfw",
+        type=Path,
+        default=None,
+        help="LFW RecordIO folder with pairs.txt; reduced-precision gates then also require the 10-fold LFW "
+        "accuracy within 0.05 points of float32",
+    )
+    parser.add_argument(
+        "--parity-cache",
+        type=Path,
+        default=None,
+        help="folder of the parity gate cache (default: $MAGFACE_AL_CACHE or ~/.cache/magface-al)",
     )
 
 
-def _load(args: argparse.Namespace):
-    """Load the checkpoint and return (model on the chosen backend, spec)."""
-    from magface_al.models import ModelSpec, load_model, select_device
-    from magface_al.models.export import select_backend
+def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the keyword arguments that pass --backend, --precision and the gate options to the embedding."""
+    from magface_al.embedding import ParityOptions
 
+    parity = ParityOptions(cache_dir=args.parity_cache, lfw_dir=args.parity_lfw)
+    return {"backend": args.backend, "precision": args.precision, "parity": parity}
+
+
+def _load(args: argparse.Namespace):
+    """Load the checkpoint and return (model on the chosen device, spec)."""
+    from magface_al.embedding.backends import configure_allocator
+    from magface_al.models import ModelSpec, load_model, select_device
+
+    # Embedding and verification allocate the same large activations on every batch.
+    configure_allocator()
     spec: Any = args.arch
     if args.preset is not None:
         if args.arch is None:
@@ -109,8 +144,6 @@ def _load(args: argparse.Namespace):
         spec = ModelSpec.preset(args.arch, args.preset)
     device = select_device(args.device)
     model, spec = load_model(args.checkpoint, spec, allow_pickle=args.allow_pickle, device=device)
-    if hasattr(args, "backend"):
-        model = select_backend(model, spec, args.backend, device=device)
     return model, spec
 
 
@@ -141,6 +174,7 @@ def run_embed(args: argparse.Namespace) -> int:
             out_dir=args.out,
             progress=not args.no_progress,
             meta={"checkpoint": str(args.checkpoint), "data": str(args.data)},
+            **_backend_options(args),
         )
     except _user_errors() as error:
         return _fail(error)
@@ -161,6 +195,7 @@ def run_verify(args: argparse.Namespace) -> int:
             workers=args.workers,
             flip=args.flip,
             progress=not args.no_progress,
+            **_backend_options(args),
         )
     except _user_errors() as error:
         return _fail(error)
@@ -200,8 +235,13 @@ def score_benchmark(
     workers: int = 2,
     flip: bool = False,
     progress: bool = True,
+    backend: str | None = None,
+    precision: str = "fp32",
+    parity: Any = None,
 ):
     """Embed the images of a pairs benchmark and return (cosine scores, labels) in file order.
+
+    ``backend``, ``precision`` and ``parity`` go to ``embed_dataset``; ``backend=None`` runs the model as given.
 
     Raises:
         ValueError: if ``pairs.txt`` comes without ``data``.
@@ -211,7 +251,15 @@ def score_benchmark(
     from magface_al.data.benchmarks import load_bin, read_lfw_pairs
     from magface_al.embedding import EncodedImageDataset, ImageFileDataset, embed_dataset
 
-    options = {"batch_size": batch_size, "workers": workers, "flip": flip, "progress": progress}
+    options = {
+        "batch_size": batch_size,
+        "workers": workers,
+        "flip": flip,
+        "progress": progress,
+        "backend": backend,
+        "precision": precision,
+        "parity": parity,
+    }
     if pairs_path.suffix.lower() == ".bin":
         blobs, same = load_bin(pairs_path)
         embeddings = embed_dataset(model, spec, EncodedImageDataset(blobs), **options)

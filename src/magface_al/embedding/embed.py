@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from magface_al.embedding.store import ARRAY_FILES, Embeddings, META_FILE, PATHS_FILE, describe, load_embeddings
 from magface_al.embedding.store import write_paths
+from magface_al.embedding.parity import GATE_FACES, ParityOptions, select_backend
 from magface_al.models.spec import ModelSpec, Preprocess
 from magface_al.utils import atomic_path, write_json_atomic
 
@@ -39,6 +40,9 @@ def embed_images(
     batch_size: int = 64,
     flip: bool = False,
     device: torch.device | str | None = None,
+    backend: str | None = None,
+    precision: str = "fp32",
+    parity: ParityOptions | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embed images already in memory.
 
@@ -50,12 +54,20 @@ def embed_images(
         flip: add the raw features of the mirrored images before normalizing.
         device: where to run; ``None`` keeps the model where it is. A given
             device moves the model there.
+        backend: ``None`` runs ``model`` as given; ``auto`` or an engine name
+            (see :func:`magface_al.embedding.parity.select_backend`) runs it on
+            that backend, gated on the first of ``images_bgr``.
+        precision: ``fp32``, ``bf16`` or ``fp16``, with ``backend``.
+        parity: gate cache and timing options, with ``backend``.
 
     Returns:
         (features float32 (N, D) L2-normalized, magnitudes float32 (N,)).
     """
     _check_batch_size(batch_size)
     device = _place(model, device)
+    if backend is not None:
+        faces = [np.asarray(image) for image in images_bgr[:GATE_FACES]]
+        model = select_backend(model, spec, backend, precision=precision, device=device, faces=faces, options=parity)
     count = len(images_bgr)
     features = np.empty((count, spec.embedding_size), dtype=np.float32)
     magnitudes = np.empty(count, dtype=np.float32)
@@ -97,6 +109,9 @@ def embed_dataset(
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
     meta: dict[str, Any] | None = None,
+    backend: str | None = None,
+    precision: str = "fp32",
+    parity: ParityOptions | None = None,
 ) -> Embeddings:
     """Embed a face dataset, decoding images in ``workers`` background processes.
 
@@ -115,6 +130,11 @@ def embed_dataset(
             constant; the returned features are then memory-mapped from it.
         progress: show a progress bar.
         meta: extra fields for ``meta.json``.
+        backend: ``None`` runs ``model`` as given; ``auto`` or an engine name
+            (see :func:`magface_al.embedding.parity.select_backend`) runs it on
+            that backend, gated on the first requested images.
+        precision: ``fp32``, ``bf16`` or ``fp16``, with ``backend``.
+        parity: gate cache, LFW folder and timing options, with ``backend``.
 
     Raises:
         ValueError: if a requested key is not an image of ``dataset``.
@@ -125,6 +145,12 @@ def embed_dataset(
     device = _place(model, device)
     positions = _positions(dataset, keys)
     info = {"flip": bool(flip), "model_spec": spec.to_dict(), **(meta or {})}
+    if backend is not None:
+        faces = [dataset[int(position)][0] for position in positions[:GATE_FACES]]
+        model = select_backend(model, spec, backend, precision=precision, device=device, faces=faces, options=parity)
+    chosen = getattr(model, "backend", None)
+    if chosen is not None:
+        info["backend"] = chosen.name
     paths = getattr(dataset, "paths", None)
     selected_paths = None if paths is None else [str(paths[int(position)]) for position in positions]
     loader = DataLoader(
@@ -268,10 +294,43 @@ def _embed_loader(
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Yield (features, magnitudes, labels, keys) per batch, in dataset order."""
     with _eval_mode(model), tqdm(total=total, unit="img", desc="embedding", disable=not progress) as bar:
-        for batch, labels, keys in loader:
+        for batch, labels, keys in _copy_ahead(loader, device):
             features, magnitudes = embed_batch(model, batch, flip=flip, device=device)
             bar.update(len(keys))
             yield features, magnitudes, labels, keys
+
+
+def _copy_ahead(batches, device: torch.device) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
+    """Yield the loader's batches; on a GPU, each already on the device, the next copy running meanwhile.
+
+    The copy of batch i+1 is issued on a side stream before batch i is
+    handed out, so it overlaps batch i's forward pass. The batches must come
+    from pinned memory for the copy to be asynchronous. On other devices the
+    batches pass through unchanged.
+    """
+    if device.type != "cuda":
+        yield from batches
+        return
+    # NOTE: written for CUDA without a GPU to run it on; only the CPU branch above is tested.
+    side = torch.cuda.Stream(device)
+    main = torch.cuda.current_stream(device)
+    pending = None
+    for batch, labels, keys in batches:
+        with torch.cuda.stream(side):
+            on_device = batch.to(device, non_blocking=True)
+        copied = side.record_event()
+        if pending is not None:
+            yield _after_copy(main, *pending)
+        pending = (on_device, labels, keys, copied)
+    if pending is not None:
+        yield _after_copy(main, *pending)
+
+
+def _after_copy(main, on_device: torch.Tensor, labels: np.ndarray, keys: np.ndarray, copied) -> tuple:
+    main.wait_event(copied)
+    # The tensor was allocated on the side stream; its memory must not be reused before the main stream is done.
+    on_device.record_stream(main)
+    return on_device, labels, keys
 
 
 def _collect(batches, count: int, dimension: int, info: dict, paths: list[str] | None) -> Embeddings:

@@ -8,12 +8,12 @@ under ``magface_al.model_spec``, so the file alone says how to prepare pixels.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +28,6 @@ SPEC_METADATA_KEY = "magface_al.model_spec"
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
 DEFAULT_OPSET = 17
-BACKENDS = ("auto", "torch", "onnxruntime")
 
 
 def export_onnx(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET) -> Path:
@@ -114,33 +113,20 @@ class OnnxModel:
 
 
 def select_backend(
-    model: nn.Module, spec: ModelSpec, backend: str = "auto", *, device: torch.device | str = "cpu"
-) -> nn.Module | OnnxModel:
-    """Return the model to embed with: ``model`` itself, or its ONNX export run by ONNX Runtime.
+    model: nn.Module,
+    spec: ModelSpec,
+    backend: str = "auto",
+    *,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    faces: np.ndarray | None = None,
+) -> Any:
+    """Return the model to embed with; kept for callers of this module.
 
-    ``auto`` picks ONNX Runtime on the CPU when ``onnx`` and ``onnxruntime``
-    are installed, because it embedded faster than torch there in
-    ``benchmarks/bench_embedding.py`` (about 2.5x for the MobileFaceNet on a
-    2-core CPU), and torch on a GPU. The export lives in a temporary folder
-    that is removed with the returned object.
-
-    Raises:
-        ValueError: for an unknown backend, or ``onnxruntime`` on a GPU or without the packages.
+    The backends, their parity gates and the ``auto`` choice live in
+    :mod:`magface_al.embedding.backends` and :mod:`magface_al.embedding.parity`;
+    this calls :func:`magface_al.embedding.parity.select_backend`.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    device = torch.device(device)
-    installed = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
-    if backend == "torch" or (backend == "auto" and (device.type != "cpu" or not installed)):
-        logger.info("embedding with torch on %s", device)
-        return model.to(device)
-    if device.type != "cpu":
-        raise ValueError(f"the onnxruntime backend runs on the CPU only, not on {device}; use --backend torch")
-    if not installed:
-        raise ValueError("the onnxruntime backend needs the onnx and onnxruntime packages (pip install 'magface-al[fast]')")
-    folder = tempfile.TemporaryDirectory(prefix="magface-al-onnx-")
-    path = export_onnx(model, spec, Path(folder.name) / f"{spec.arch}.onnx")
-    onnx_model = OnnxModel(path, threads=torch.get_num_threads())
-    onnx_model.folder = folder  # keeps the file until the model is garbage-collected
-    logger.info("embedding with ONNX Runtime on the CPU")
-    return onnx_model
+    from magface_al.embedding.parity import select_backend as select
+
+    return select(model, spec, backend, precision=precision, device=device, faces=faces)
