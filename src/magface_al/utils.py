@@ -27,9 +27,9 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pa
     """Yield a temporary path next to ``path`` and rename it into place on success.
 
     The temporary file or folder lives in the same directory, so the final
-    ``os.replace`` is atomic on POSIX file systems: a run killed midway leaves
-    either the old artifact or none, never a half-written one that DVC would
-    hash as valid. On an exception the temporary path is removed.
+    ``os.replace`` is atomic on POSIX file systems. A run killed midway
+    therefore leaves the old artifact or none, never a half-written one that
+    DVC would hash as valid. On an exception the temporary path is removed.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class ModelSource:
-    """Which checkpoint to load, and how to read it when it stores no model specification.
+    """The checkpoint to load, and how to read it when it stores no model specification.
 
     Checkpoints written by this project carry their specification and ignore
     ``arch``, ``variant`` and ``preprocess``. Official MagFace files and other
