@@ -23,7 +23,7 @@ from magface_al.training.finetune import FinetuneConfig, finetune, pair_cosines
 from magface_al.training.guard import GuardSource, load_guard_benchmark, run_guard
 from magface_al.training.suspicious import rank_suspicious_pairs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 NOISE_RATES = (0.0, 0.2, 0.4)
 TOLERANCE_POINTS = 0.2

@@ -95,6 +95,7 @@ def _write_params(path: Path) -> None:
             "feedback_same": 40, "feedback_different": 40, "validation_same": 20, "validation_different": 20,
             "test_same": 30, "test_different": 30, "correct_rate": 0.8,
         },
+        "model": {"arch": "mobilefacenet"},
         "baseline": {"batch_size": 32, "workers": 0, "device": "cpu"},
         "evaluation": {"folds": 5, "erc_fmr": 0.1},
     }

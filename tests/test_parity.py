@@ -226,6 +226,7 @@ def test_embed_dataset_auto_records_backend(mobilefacenet, orl_dir, shared_optio
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_lfw_gate_bf16_on_lfw(mobilefacenet, faces, lfw_dir):
     if not HAS_BF16:
         pytest.skip("this CPU has no native bfloat16 (amx_bf16, avx512_bf16)")
