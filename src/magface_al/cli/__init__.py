@@ -53,5 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
+def console_main() -> int:
+    """Entry point of the installed ``magface-al`` command.
+
+    Sets the glibc allocator up for the large, repeated activations of
+    embedding and training before any work starts. ``main`` leaves it alone,
+    because changing the allocator inside a long-lived process that already
+    holds memory (a test run, a notebook) is not safe.
+    """
+    from magface_al.embedding.backends import configure_allocator
+
+    configure_allocator()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -132,11 +132,8 @@ def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _load(args: argparse.Namespace):
     """Load the checkpoint and return (model on the chosen device, spec)."""
-    from magface_al.embedding.backends import configure_allocator
     from magface_al.models import ModelSpec, load_model, select_device
 
-    # Embedding and verification allocate the same large activations on every batch.
-    configure_allocator()
     spec: Any = args.arch
     if args.preset is not None:
         if args.arch is None:
