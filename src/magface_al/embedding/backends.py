@@ -222,8 +222,10 @@ class OpenVinoModel:
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": requested, "PERFORMANCE_HINT": "LATENCY"}
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = threads
-        core = openvino.Core()
-        self.compiled = core.compile_model(core.read_model(str(self.path)), "CPU", config)
+        # The Core must outlive its compiled model and requests: when it is
+        # garbage-collected first, the CPU plugin is unloaded under them.
+        self.core = openvino.Core()
+        self.compiled = self.core.compile_model(self.core.read_model(str(self.path)), "CPU", config)
         actual = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         if actual.get_type_name() != requested:
             raise BackendUnavailableError(
