@@ -38,8 +38,12 @@ browser:
 repro: install
 	. $(BIN)/activate && dvc repro
 
+# The DVC pipeline tests run in a process of their own: in one process with
+# the rest of the suite, the interpreter crashed with a segmentation fault
+# while those tests drove DVC (cause not yet found; both halves pass alone).
 test: install-dev browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --ignore=tests/test_pipeline.py
+	$(BIN)/python -m pytest tests/test_pipeline.py
 
 bench: install-dev
 	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done
