@@ -15,10 +15,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from magface_al.data.faces import FaceRecordDataset
+from magface_al.distributed import current_context, distributed_run, rank_device
 from magface_al.evaluation.pipeline import EmbeddingSettings, EvaluationOptions, evaluate_model, write_evaluation
 from magface_al.models.source import ModelSource
-from magface_al.models.device import select_device
 from magface_al.pairs.table import read_pairs_csv
 from magface_al.params import load_section
 from magface_al.utils import atomic_path, setup_logging
@@ -39,14 +41,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, source: ModelSource, params: EmbeddingSettings, options: EvaluationOptions) -> dict:
+    """Embed and score on every rank of the run; only rank 0 writes."""
     dataset = FaceRecordDataset(args.data)
     val_pairs = read_pairs_csv(Path(args.pairs) / "val.csv")
     test_pairs = read_pairs_csv(Path(args.pairs) / "test.csv")
-    model, spec = source.load(path=args.model, device=select_device(params.device))
+    model, spec = source.load(path=args.model, device=rank_device(params.device))
     result = evaluate_model(
         model, spec, dataset, val_pairs, test_pairs,
         options=options, batch_size=params.batch_size, workers=params.workers, flip=params.flip,
     )
+    if not current_context().is_main:
+        return result.metrics
     extra = {"model": str(args.model), "arch": spec.arch, "flip": params.flip}
     with atomic_path(args.plots, is_dir=True) as plots_tmp, atomic_path(args.features, is_dir=True) as features_tmp:
         write_evaluation(
@@ -56,13 +61,15 @@ def run(args: argparse.Namespace, source: ModelSource, params: EmbeddingSettings
     return result.metrics
 
 
+@record
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     source = load_section(ModelSource, "model", args.params)
     params = load_section(EmbeddingSettings, "baseline", args.params)
     options = load_section(EvaluationOptions, "evaluation", args.params)
-    run(args, source, params, options)
+    with distributed_run(rank_device(params.device)):
+        run(args, source, params, options)
     return 0
 
 

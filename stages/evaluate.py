@@ -22,10 +22,12 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from magface_al.data.faces import FaceRecordDataset
+from magface_al.distributed import current_context, distributed_run, rank_device
 from magface_al.evaluation.pipeline import EmbeddingSettings, EvaluationOptions, evaluate_model, write_evaluation
 from magface_al.models.checkpoint import load_model
-from magface_al.models.device import select_device
 from magface_al.pairs.table import read_pairs_csv
 from magface_al.params import ParamsError, load_section, read_params
 from magface_al.utils import atomic_path, setup_logging, write_json_atomic, write_text_atomic
@@ -60,6 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Embed and score on every rank of the run; only rank 0 writes."""
     settings = load_section(EmbeddingSettings, "baseline", args.params)
     options = load_section(EvaluationOptions, "evaluation", args.params)
     dataset = FaceRecordDataset(args.data)
@@ -67,11 +70,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     test_pairs = read_pairs_csv(Path(args.pairs) / "test.csv")
     # The promoted checkpoint is always written by the finetune stage, so it
     # carries its model specification and needs no model section.
-    model, spec = load_model(args.model, device=select_device(settings.device))
+    model, spec = load_model(args.model, device=rank_device(settings.device))
     result = evaluate_model(
         model, spec, dataset, val_pairs, test_pairs, options=options,
         batch_size=settings.batch_size, workers=settings.workers, flip=settings.flip,
     )
+    if not current_context().is_main:
+        return result.metrics
     # The same extra keys as the baseline stage writes, so both files have identical keys.
     extra = {"model": str(args.model), "arch": spec.arch, "flip": settings.flip}
     with atomic_path(args.plots, is_dir=True) as plots_tmp, atomic_path(args.features, is_dir=True) as features_tmp:
@@ -137,12 +142,15 @@ def summarize(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+@record
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     if args.command == "summarize":
         summarize(args)
-    else:
+        return 0
+    device = rank_device(load_section(EmbeddingSettings, "baseline", args.params).device)
+    with distributed_run(device):
         evaluate(args)
     return 0
 

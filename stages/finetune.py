@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from magface_al.data.faces import FaceRecordDataset
+from magface_al.distributed import current_context, distributed_run, rank_device
 from magface_al.evaluation.calibration import calibrate_threshold
 from magface_al.models.checkpoint import save_checkpoint
-from magface_al.models.device import select_device
 from magface_al.models.source import ModelSource
 from magface_al.pairs.noise import flip_labels, realized_noise_rate
 from magface_al.pairs.table import Pairs, read_pairs_csv
@@ -126,8 +127,10 @@ def _distill_keys(dataset: FaceRecordDataset, pool: np.ndarray, feedback: Pairs,
 
 
 def run(args: argparse.Namespace, source: ModelSource, params: FinetuneStageParams) -> dict[str, Any]:
+    """Score, fine-tune and guard on every rank of the run; only rank 0 writes."""
     config = params.training
-    device = select_device(params.device)
+    device = rank_device(params.device)
+    writes = current_context().is_main
     dataset = FaceRecordDataset(args.data)
     pairs_dir = Path(args.pairs)
     splits = json.loads((pairs_dir / "splits.json").read_text(encoding="utf-8"))
@@ -160,7 +163,8 @@ def run(args: argparse.Namespace, source: ModelSource, params: FinetuneStagePara
         exclude_top_k=params.suspicious.exclude_top_k,
         exclude_top_fraction=params.suspicious.exclude_top_fraction,
     )
-    write_suspicious_csv(args.suspicious, ranking)
+    if writes:
+        write_suspicious_csv(args.suspicious, ranking)
 
     result = finetune(pretrained, spec, dataset, ranking.kept_pairs(), val_pairs, config,
                       unlabelled_keys=distill_keys, device=device, trunk_cache=cache)
@@ -171,6 +175,17 @@ def run(args: argparse.Namespace, source: ModelSource, params: FinetuneStagePara
                       folds=params.guard.folds, batch_size=params.batch_size, device=device,
                       shared_trunk_part=None if config.train == "all" else config.train)
     promoted_model = result.model if guard.promoted else pretrained
+    metrics = {
+        "promoted": guard.promoted,
+        "promoted_reason": guard.reason,
+        "guard": guard.to_dict(),
+        "noise": noise,
+        "feedback_pairs": len(feedback),
+        "suspicious": ranking.summary(),
+        "training": result.summary(),
+    }
+    if not writes:
+        return metrics
     save_checkpoint(
         args.out, promoted_model, spec, epoch=result.best_epoch if guard.promoted else 0,
         extra={
@@ -181,27 +196,19 @@ def run(args: argparse.Namespace, source: ModelSource, params: FinetuneStagePara
             "finetune": dataclasses.asdict(params),
         },
     )
-
-    metrics = {
-        "promoted": guard.promoted,
-        "promoted_reason": guard.reason,
-        "guard": guard.to_dict(),
-        "noise": noise,
-        "feedback_pairs": len(feedback),
-        "suspicious": ranking.summary(),
-        "training": result.summary(),
-    }
     write_json_atomic(args.metrics, metrics)
     logger.info("wrote %s (%s) and %s", args.out, "fine-tuned" if guard.promoted else "pretrained kept", args.metrics)
     return metrics
 
 
+@record
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     source = load_section(ModelSource, "model", args.params)
     params = load_section(FinetuneStageParams, "finetune", args.params)
-    run(args, source, params)
+    with distributed_run(rank_device(params.device)):
+        run(args, source, params)
     return 0
 
 

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from magface_al.data.faces import FaceRecordDataset
-from magface_al.models.device import select_device
+from magface_al.distributed import current_context, distributed_run, rank_device
 from magface_al.models.spec import ModelSpec, Preprocess, build_model
 from magface_al.params import load_section
 from magface_al.training.pretrain import PretrainConfig, heldout_verification, pretrain, save_pretrained
@@ -103,9 +104,9 @@ def _evaluation_summary(evaluation: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def run(args: argparse.Namespace, params: PretrainParams) -> dict[str, Any]:
+def run(args: argparse.Namespace, params: PretrainParams, device: torch.device) -> dict[str, Any]:
+    """Train and measure on every rank; only rank 0 writes the checkpoint, metrics and plots."""
     data = Path(args.data)
-    device = select_device(params.device)
     spec = params.model.spec()
     torch.manual_seed(params.train.seed)
     model = build_model(spec).to(device)
@@ -134,7 +135,6 @@ def run(args: argparse.Namespace, params: PretrainParams) -> dict[str, Any]:
             time.perf_counter() - started,
         )
 
-    save_pretrained(args.out, model, spec, params.train, result, extra={"data": str(data)})
     metrics = {
         "model_spec": spec.to_dict(),
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
@@ -147,6 +147,9 @@ def run(args: argparse.Namespace, params: PretrainParams) -> dict[str, Any]:
         "target_domain": _evaluation_summary(evaluations["target"]),
         "history": result.history,
     }
+    if not current_context().is_main:
+        return metrics
+    save_pretrained(args.out, model, spec, params.train, result, extra={"data": str(data)})
     write_json_atomic(args.metrics, metrics)
     if args.plots:
         with atomic_path(args.plots, is_dir=True) as tmp:
@@ -155,11 +158,14 @@ def run(args: argparse.Namespace, params: PretrainParams) -> dict[str, Any]:
     return metrics
 
 
+@record
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     params = load_section(PretrainParams, "pretrain", args.params)
-    run(args, params)
+    device = rank_device(params.device)
+    with distributed_run(device):
+        run(args, params, device)
     return 0
 
 

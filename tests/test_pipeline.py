@@ -15,10 +15,12 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -147,12 +149,26 @@ def test_pipeline_status_clean_after_repro(tiny_run: TinyRun) -> None:
     assert UP_TO_DATE in status.stdout, status.stdout
 
 
+def _started_by(process_argv: list[str], stage_argv: list[str]) -> bool:
+    """True if a process with ``process_argv`` belongs to the stage command ``stage_argv``.
+
+    ``python stages/x.py ARGS`` runs one process. ``python -m
+    magface_al.distributed.launch stages/x.py ARGS`` runs the launcher (its
+    argv[0] is launch.py) and, under torchrun, ``stages/x.py ARGS`` per rank.
+    """
+    command = stage_argv[1:]
+    if command[:2] != ["-m", "magface_al.distributed.launch"]:
+        return process_argv == command
+    launched = command[2:]
+    return process_argv == launched or (process_argv[0].endswith("launch.py") and process_argv[1:] == launched)
+
+
 @pytest.mark.slow
 def test_pipeline_stages_read_only_declared_params(tiny_run: TinyRun) -> None:
     trace = read_trace(tiny_run.trace)
     problems = []
     for name, info in tiny_run.stages.items():
-        reads = [entry for entry in trace if entry["argv"] == info["argv"][1:]]
+        reads = [entry for entry in trace if _started_by(entry["argv"], info["argv"])]
         if not reads:
             problems.append(f"{name}: no params lookup recorded (did it run, and does it use magface_al.params?)")
         undeclared = sorted({entry["path"] for entry in reads
@@ -353,3 +369,39 @@ def test_pipeline_real_data_through_params(
     workspace = next(iter(shown.values()))["data"]
     for name in ("metrics/baseline.json", "metrics/finetuned.json"):
         assert "accuracy" in workspace[name]["data"], name
+
+
+def test_pipeline_stages_run_two_ranks(tiny_run: TinyRun) -> None:
+    """distributed.nproc_per_node: 2 reruns the torchrun stages with two gloo ranks; embeddings equal one process's."""
+    repo = tiny_run.repo
+    params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
+    params["distributed"].update(nproc_per_node=2, threads_per_process=1)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+    result = dvc(repo, "repro", timeout=900)
+    output = result.stdout + result.stderr
+    for stage in ("pretrain@synthetic", "baseline", "finetune", "evaluate"):
+        assert f"Running stage '{stage}'" in output, stage
+    assert "rank 1 of 2 joined the gloo process group" in output
+    assert UP_TO_DATE in dvc(repo, "status").stdout
+    for name in METRICS_FILES:
+        assert non_finite_numbers(load_strict_json(repo / name)) == [], name
+
+    # The baseline stage's command with one process, on the checkpoint the two-process run trained.
+    params["distributed"].update(nproc_per_node=1)
+    single_params = repo.parent / "single_process_params.yaml"
+    single_params.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    command = [
+        sys.executable, "-m", "magface_al.distributed.launch", "--params", str(single_params), "stages/baseline.py",
+        "--model", "models/pretrained.pt", "--data", "data/subset", "--pairs", "data/pairs",
+        "--params", str(single_params), "--metrics", str(repo.parent / "single.json"),
+        "--plots", str(repo.parent / "single_plots"), "--features", str(repo.parent / "single_features"),
+    ]
+    single = subprocess.run(command, cwd=repo, env=stage_env(repo), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    for part in ("test", "val"):
+        for array in ("keys", "features", "magnitudes"):
+            two = np.load(repo / "features" / "baseline" / part / f"{array}.npy")
+            one = np.load(repo.parent / "single_features" / part / f"{array}.npy")
+            assert np.array_equal(two, one), f"{part}/{array}"
+    assert load_strict_json(repo / "metrics" / "baseline.json") == load_strict_json(repo.parent / "single.json")

@@ -132,14 +132,16 @@ def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _load(args: argparse.Namespace):
     """Load the checkpoint and return (model on the chosen device, spec)."""
-    from magface_al.models import ModelSpec, load_model, select_device
+    from magface_al.distributed import rank_device
+    from magface_al.models import ModelSpec, load_model
 
     spec: Any = args.arch
     if args.preset is not None:
         if args.arch is None:
             raise ValueError("--preset needs --arch, e.g. --arch iresnet50 --preset arcface_torch")
         spec = ModelSpec.preset(args.arch, args.preset)
-    device = select_device(args.device)
+    # Under torchrun each rank takes the GPU of its local rank.
+    device = rank_device(args.device)
     model, spec = load_model(args.checkpoint, spec, allow_pickle=args.allow_pickle, device=device)
     return model, spec
 
@@ -154,6 +156,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def run_embed(args: argparse.Namespace) -> int:
+    """Embed a dataset; under torchrun every rank embeds its share and rank 0 writes the merged folder."""
+    from magface_al.distributed import distributed_run, rank_device
+
+    try:
+        device = rank_device(args.device)
+    except (ValueError, RuntimeError) as error:
+        return _fail(error)
+    with distributed_run(device):
+        return _embed(args)
+
+
+def _embed(args: argparse.Namespace) -> int:
     from magface_al.embedding import ImageFileDataset, embed_dataset
 
     try:

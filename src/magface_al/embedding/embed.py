@@ -9,6 +9,7 @@ roughly double it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from magface_al.embedding.store import ARRAY_FILES, Embeddings, META_FILE, PATHS_FILE, describe, load_embeddings
 from magface_al.embedding.store import write_paths
+from magface_al.distributed.context import broadcast_object, current_context
 from magface_al.embedding.parity import GATE_FACES, ParityOptions, select_backend
 from magface_al.models.spec import ModelSpec, Preprocess
 from magface_al.utils import atomic_path, write_json_atomic
@@ -112,8 +114,14 @@ def embed_dataset(
     backend: str | None = None,
     precision: str = "fp32",
     parity: ParityOptions | None = None,
+    distribute: bool = True,
 ) -> Embeddings:
     """Embed a face dataset, decoding images in ``workers`` background processes.
+
+    Under torchrun (an initialized process group with more than one rank)
+    every rank must call this with the same arguments: each embeds its share
+    of whole batches and every rank gets the merged result, identical to a
+    single process's (see :mod:`magface_al.distributed.embedding`).
 
     Args:
         model: a network whose ``forward`` returns raw embeddings.
@@ -135,6 +143,8 @@ def embed_dataset(
             that backend, gated on the first requested images.
         precision: ``fp32``, ``bf16`` or ``fp16``, with ``backend``.
         parity: gate cache, LFW folder and timing options, with ``backend``.
+        distribute: split the work across the ranks of a torchrun run; False
+            embeds everything in this process even then.
 
     Raises:
         ValueError: if a requested key is not an image of ``dataset``.
@@ -147,7 +157,17 @@ def embed_dataset(
     info = {"flip": bool(flip), "model_spec": spec.to_dict(), **(meta or {})}
     if backend is not None:
         faces = [dataset[int(position)][0] for position in positions[:GATE_FACES]]
-        model = select_backend(model, spec, backend, precision=precision, device=device, faces=faces, options=parity)
+        model = _select_backend_for_all_ranks(model, spec, backend, precision, device, faces, parity)
+    if distribute and current_context().enabled:
+        # Imported here: the sharding module builds on this package's store.
+        from magface_al.distributed.embedding import embed_sharded
+
+        # Every rank runs the engine chosen above (see _select_backend_for_all_ranks).
+        return embed_sharded(
+            functools.partial(embed_dataset, model, spec, dataset, distribute=False),
+            np.asarray(dataset.keys, dtype=np.int64)[positions], batch_size=batch_size, out_dir=out_dir,
+            workers=workers, flip=flip, device=device, progress=progress, meta=meta,
+        )
     chosen = getattr(model, "backend", None)
     if chosen is not None:
         info["backend"] = chosen.name
@@ -167,6 +187,26 @@ def embed_dataset(
         return _collect(batches, len(positions), spec.embedding_size, info, selected_paths)
     _stream(batches, Path(out_dir), len(positions), spec.embedding_size, info, selected_paths)
     return load_embeddings(out_dir)
+
+
+def _select_backend_for_all_ranks(model, spec, backend, precision, device, faces, parity):
+    """Choose the backend; under torchrun rank 0 chooses and the other ranks run its choice.
+
+    ``auto`` decides by timing, which differs between processes, and ranks
+    running different engines would not merge into a single process's output.
+    """
+    context = current_context()
+    if backend != "auto" or not context.enabled:
+        return select_backend(model, spec, backend, precision=precision, device=device, faces=faces, options=parity)
+    chosen = None
+    if context.is_main:
+        chosen = select_backend(model, spec, backend, precision=precision, device=device, faces=faces, options=parity)
+    engine, chosen_precision = broadcast_object(
+        (chosen.backend.engine, chosen.backend.precision) if chosen is not None else None
+    )
+    if chosen is not None:
+        return chosen
+    return select_backend(model, spec, engine, precision=chosen_precision, device=device, faces=faces, options=parity)
 
 
 class ImageFileDataset:

@@ -9,6 +9,15 @@ outputs are computed once (:mod:`magface_al.training.feature_cache`), so an
 epoch costs only the head. After every epoch the model is scored on the
 validation identities' pairs; the best epoch is kept, and that may be epoch
 0, the pretrained weights.
+
+Under torchrun the head trains as a DistributedDataParallel module: every
+rank draws the same batch order from the seed, takes every W-th pair of each
+global batch of ``batch_size`` pairs, and scales its loss so that DDP's
+gradient average equals the gradient of the global batch's mean loss. With
+BatchNorm frozen (the default) the steps are those of a single process.
+When the whole model trains (``train: all``), ``precision`` may run the
+forward and backward passes under bfloat16 autocast; the weights, the
+optimizer and the loss stay float32.
 """
 
 from __future__ import annotations
@@ -23,9 +32,12 @@ from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
+from magface_al.distributed.context import current_context
 from magface_al.evaluation.calibration import best_accuracy_threshold
 from magface_al.pairs.table import Pairs
 from magface_al.training.feature_cache import (
@@ -39,6 +51,7 @@ from magface_al.training.losses import embedding_distillation_loss, l2sp_penalty
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+PRECISIONS = ("auto", "fp32", "bf16")
 STOPPING_METRICS = ("accuracy", "loss", "none")
 
 
@@ -76,6 +89,10 @@ class FinetuneConfig:
         deterministic: use PyTorch's deterministic algorithms during training.
         embed_batch_size: images per forward pass when filling the trunk cache.
         cache_dir: optional folder for an on-disk copy of the trunk outputs.
+        precision: ``fp32``; ``bf16`` (autocast during training; an error
+            where the device has no native bfloat16); or ``auto``: bf16 when
+            the whole model trains on a device with native bfloat16, else fp32.
+            Validation always runs in float32.
     """
 
     train: Literal["head", "last_stage", "all"] = "head"
@@ -100,8 +117,13 @@ class FinetuneConfig:
     deterministic: bool = True
     embed_batch_size: int = 64
     cache_dir: str | None = None
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"finetune.precision: invalid value {self.precision!r}; expected one of {', '.join(PRECISIONS)}"
+            )
         if self.train not in TRAIN_PARTS:
             raise ValueError(f"finetune.train: invalid value {self.train!r}; expected one of {', '.join(TRAIN_PARTS)}")
         if self.optimizer not in OPTIMIZERS:
@@ -201,12 +223,43 @@ def _make_optimizer(config: FinetuneConfig, parameters: list[nn.Parameter]) -> t
     return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
 
+class _HeadModule(nn.Module):
+    """The trainable head as a module (``forward(trunk outputs) -> raw embeddings``), for DDP to wrap.
+
+    It holds the whole model, whose frozen trunk parameters DDP leaves out of
+    the gradient exchange because they do not require gradients.
+    """
+
+    def __init__(self, split: TrunkHeadSplit) -> None:
+        super().__init__()
+        self.model = split.model
+        self.split = split
+
+    def forward(self, trunk_outputs: Tensor) -> Tensor:
+        return self.split.head(trunk_outputs)
+
+
 class _PairEmbedder:
     """Embeds the two faces of a batch of pairs through the head, each distinct image once."""
 
     def __init__(self, split: TrunkHeadSplit, cache: FeatureCache) -> None:
         self.split = split
         self.cache = cache
+
+    def embed_step(
+        self, engine: nn.Module, pairs: Pairs, extra_keys: np.ndarray
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Embed a training step's pairs and extra images in one forward pass of ``engine``.
+
+        DDP expects one forward pass per backward pass, so the pair images and
+        the distillation images go through the head together.
+        """
+        keys = np.concatenate([pairs.key1, pairs.key2, extra_keys]).astype(np.int64)
+        unique, inverse = np.unique(keys, return_inverse=True)
+        embeddings = engine(self.cache.get(unique))
+        inverse = torch.as_tensor(inverse, dtype=torch.long)
+        count = len(pairs)
+        return embeddings[inverse[:count]], embeddings[inverse[count:2 * count]], embeddings[inverse[2 * count:]]
 
     def embed_keys(self, keys: np.ndarray) -> Tensor:
         return self.split.head(self.cache.get(keys))
@@ -301,6 +354,7 @@ def _restore(split: TrunkHeadSplit, parameters: dict[str, Tensor], buffers: dict
 def _run_epoch(
     *,
     split: TrunkHeadSplit,
+    engine: nn.Module,
     embedder: _PairEmbedder,
     train_pairs: Pairs,
     config: FinetuneConfig,
@@ -310,40 +364,107 @@ def _run_epoch(
     distill_targets: Tensor | None,
     generator: torch.Generator,
     device: torch.device,
+    autocast_dtype: torch.dtype | None,
 ) -> dict[str, float]:
+    """Train one epoch; return the mean losses per step, over all ranks."""
+    context = current_context()
     _set_train_mode(split, config.freeze_bn)
     order = torch.randperm(len(train_pairs), generator=generator).numpy()
     totals = {"train_loss": 0.0, "pair_loss": 0.0, "l2sp": 0.0, "distill": 0.0}
     steps = 0
+    use_distill = config.distill > 0 and distill_targets is not None and len(distill_keys) > 0
     for start in range(0, len(order), config.batch_size):
-        batch = train_pairs.select(order[start:start + config.batch_size])
-        first, second = embedder.embed_pairs(batch)
-        loss_pairs = pair_loss(
-            config.loss, first, second, _labels_tensor(batch, device),
-            positive_margin=config.positive_margin, negative_margin=config.negative_margin,
-            euclidean_margin=config.euclidean_margin,
-        )
-        loss = loss_pairs
+        global_batch = order[start:start + config.batch_size]
+        batch = train_pairs.select(global_batch[context.rank::context.world_size])
+        pick = np.zeros(0, dtype=np.int64)
+        if use_distill:
+            count = min(config.distill_batch_size, len(distill_keys))
+            pick = torch.randperm(len(distill_keys), generator=generator)[:count].numpy()
+        local_pick = pick[context.rank::context.world_size]
+        with _autocast(device, autocast_dtype):
+            first, second, distilled = embedder.embed_step(engine, batch, distill_keys[local_pick])
+        first, second, distilled = first.float(), second.float(), distilled.float()
+
+        # Sums over this rank's share, scaled by W / global count: DDP's average of the
+        # ranks' gradients is then the gradient of the mean over the global batch.
+        pair_sum = _pair_loss_sum(config, first, second, _labels_tensor(batch, device))
+        loss = pair_sum * (context.world_size / len(global_batch))
         penalty = torch.zeros((), device=device)
         if config.l2sp > 0:
             penalty = l2sp_penalty(split.head_parameters(), reference)
             loss = loss + config.l2sp * penalty
-        distill = torch.zeros((), device=device)
-        if config.distill > 0 and distill_targets is not None and len(distill_keys):
-            count = min(config.distill_batch_size, len(distill_keys))
-            pick = torch.randperm(len(distill_keys), generator=generator)[:count].numpy()
-            distill = embedding_distillation_loss(embedder.embed_keys(distill_keys[pick]), distill_targets[pick])
-            loss = loss + config.distill * distill
+        distill_sum = torch.zeros((), device=device)
+        if use_distill:
+            distill_sum = embedding_distillation_loss(distilled, distill_targets[local_pick]) * len(local_pick) \
+                if len(local_pick) else distilled.sum() * 0.0
+            loss = loss + config.distill * distill_sum * (context.world_size / len(pick))
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        totals["train_loss"] += loss.item()
-        totals["pair_loss"] += loss_pairs.item()
+        pair_mean, distill_mean = _global_means(
+            pair_sum.detach(), len(global_batch), distill_sum.detach(), max(len(pick), 1), context.enabled
+        )
+        totals["pair_loss"] += pair_mean
         totals["l2sp"] += penalty.item()
-        totals["distill"] += distill.item()
+        totals["distill"] += distill_mean
+        totals["train_loss"] += pair_mean + config.l2sp * penalty.item() + config.distill * distill_mean
         steps += 1
     return {name: value / max(steps, 1) for name, value in totals.items()}
+
+
+def _pair_loss_sum(config: FinetuneConfig, first: Tensor, second: Tensor, labels: Tensor) -> Tensor:
+    if len(labels) == 0:
+        # A rank with no pairs in a short last batch still joins DDP's gradient exchange.
+        return first.sum() * 0.0
+    mean = pair_loss(
+        config.loss, first, second, labels,
+        positive_margin=config.positive_margin, negative_margin=config.negative_margin,
+        euclidean_margin=config.euclidean_margin,
+    )
+    return mean * len(labels)
+
+
+def _global_means(pair_sum: Tensor, pairs: int, distill_sum: Tensor, images: int, reduce: bool) -> tuple[float, float]:
+    """Mean pair loss and distillation loss of the global batch, summed over the ranks."""
+    sums = torch.stack([pair_sum.float().cpu(), distill_sum.float().cpu()])
+    if reduce:
+        dist.all_reduce(sums)
+    return float(sums[0]) / pairs, float(sums[1]) / images
+
+
+def resolve_precision(config: FinetuneConfig, device: torch.device) -> torch.dtype | None:
+    """Return the autocast dtype fine-tuning uses (None for float32), following ``config.precision``.
+
+    Raises:
+        ValueError: if ``bf16`` is requested on a device without native bfloat16.
+    """
+    if config.precision == "fp32":
+        return None
+    supported = _native_bf16(device)
+    if config.precision == "bf16":
+        if not supported:
+            raise ValueError(
+                f"finetune.precision: bf16 requested, but {device} has no native bfloat16 "
+                "(CPU flags amx_bf16 or avx512_bf16, or a CUDA GPU with bf16); use fp32 or auto"
+            )
+        return torch.bfloat16
+    # auto: only a trainable trunk makes autocast worth its rounding.
+    return torch.bfloat16 if supported and config.train == "all" else None
+
+
+def _native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    from magface_al.embedding.backends import cpu_supports_bf16
+
+    return cpu_supports_bf16()
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def finetune(
@@ -438,6 +559,13 @@ def _train(
                 for i in range(0, len(distill_keys), config.embed_batch_size)
             ])
     optimizer = _make_optimizer(config, [p for _, p in split.head_parameters()])
+    context = current_context()
+    engine: nn.Module = _HeadModule(split)
+    if context.enabled:
+        engine = DistributedDataParallel(engine, device_ids=[device] if device.type == "cuda" else None)
+    autocast_dtype = resolve_precision(config, device)
+    if autocast_dtype is not None:
+        logger.info("training under %s autocast on %s", autocast_dtype, device)
 
     best = {"epoch": 0, **_validate(embedder, val_pairs, config, config.embed_batch_size)}
     history: list[dict[str, Any]] = [dict(best)]
@@ -448,9 +576,9 @@ def _train(
     stopped_early = False
     for epoch in range(1, config.epochs + 1):
         stats = _run_epoch(
-            split=split, embedder=embedder, train_pairs=train_pairs, config=config, optimizer=optimizer,
-            reference=reference, distill_keys=distill_keys, distill_targets=distill_targets,
-            generator=generator, device=device,
+            split=split, engine=engine, embedder=embedder, train_pairs=train_pairs, config=config,
+            optimizer=optimizer, reference=reference, distill_keys=distill_keys, distill_targets=distill_targets,
+            generator=generator, device=device, autocast_dtype=autocast_dtype,
         )
         if not all(math.isfinite(v) for v in stats.values()):
             logger.warning("epoch %d: training loss is not finite (%s); stopping and keeping epoch %d",

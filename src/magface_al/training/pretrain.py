@@ -8,6 +8,14 @@ as the only augmentation, and a learning-rate schedule (step, cosine or
 constant, with an optional linear warm-up). Images are decoded in a
 background thread while the model trains on the previous batch.
 
+Under torchrun the model and the class centres train as one
+DistributedDataParallel module: a DistributedSampler seeded with
+``config.seed`` gives each rank its share of every global batch of
+``batch_size`` images, and DDP averages the gradients. BatchNorm normalizes
+each rank's share separately (there is no SyncBatchNorm on the CPU), so a
+single process with ``accumulation_steps`` equal to the number of ranks takes
+exactly the same steps.
+
 :func:`heldout_verification` measures the result on identities the model
 never saw: verification accuracy with a threshold calibrated on other
 identities, and the error-versus-reject curve that shows whether the
@@ -27,9 +35,12 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from magface_al.data.faces import FaceRecordDataset
+from magface_al.distributed.context import DistributedContext, all_gather_objects, current_context
 from magface_al.embedding import embed_dataset
 from magface_al.evaluation.calibration import calibrate_threshold
 from magface_al.evaluation.quality import error_versus_reject, pair_quality
@@ -62,6 +73,9 @@ class PretrainConfig:
         flip: mirror each training image with probability 0.5.
         seed: seeds batch order, flips and the MagLoss class centres.
         max_steps: stop after this many steps (for quick checks); None trains all epochs.
+        accumulation_steps: split each rank's share of a batch into this many
+            chunks, run one after the other with their gradients summed (less
+            memory; BatchNorm then sees one chunk at a time).
         threads: PyTorch CPU threads while training; None keeps the current setting.
         loss: MagLoss hyper-parameters.
     """
@@ -78,6 +92,7 @@ class PretrainConfig:
     flip: bool = True
     seed: int = 0
     max_steps: int | None = None
+    accumulation_steps: int = 1
     threads: int | None = None
     loss: MagLossSettings = field(default_factory=MagLossSettings)
 
@@ -94,6 +109,13 @@ class PretrainConfig:
             raise ValueError(f"invalid pretrain schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
         if self.warmup_epochs < 0:
             raise ValueError(f"invalid pretrain warmup_epochs {self.warmup_epochs}: expected 0 or more")
+        if self.accumulation_steps < 1:
+            raise ValueError(f"invalid pretrain accumulation_steps {self.accumulation_steps}: expected at least 1")
+        if self.batch_size % self.accumulation_steps:
+            raise ValueError(
+                f"pretrain batch_size {self.batch_size} is not a multiple of accumulation_steps "
+                f"{self.accumulation_steps}; every chunk must hold the same number of images"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"invalid pretrain max_steps {self.max_steps}: expected at least 1, or null for all epochs")
 
@@ -174,16 +196,30 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
 
 
 class _BatchLoader:
-    """Decode, flip and preprocess batches in a background thread, one batch ahead.
+    """This rank's share of each global batch, decoded, flipped and preprocessed one batch ahead.
 
-    OpenCV's JPEG decoder and the resize release the GIL, so decoding
-    overlaps the previous batch's forward and backward pass.
+    The order comes from a DistributedSampler seeded with ``config.seed`` (its
+    ``set_epoch`` reshuffles every epoch): the global batch of step ``i`` is
+    positions ``i * B`` to ``(i + 1) * B`` of the epoch's permutation, and rank
+    ``r`` of ``W`` takes every ``W``-th of them from the ``r``-th on. The
+    flips are drawn per image from the seed and the epoch, so they do not
+    depend on the number of ranks. OpenCV's JPEG decoder and the resize
+    release the GIL, so decoding overlaps the previous batch's forward and
+    backward pass.
     """
 
-    def __init__(self, dataset: FaceRecordDataset, spec: ModelSpec, config: PretrainConfig) -> None:
+    def __init__(
+        self, dataset: FaceRecordDataset, spec: ModelSpec, config: PretrainConfig, context: DistributedContext
+    ) -> None:
         self.dataset = dataset
         self.preprocess = spec.preprocess
         self.config = config
+        self.context = context
+        self.local_batch = config.batch_size // context.world_size
+        self.sampler = DistributedSampler(
+            range(len(dataset)), num_replicas=context.world_size, rank=context.rank,
+            shuffle=True, seed=config.seed, drop_last=True,
+        )
         # MagLoss needs classes 0..C-1; identity ids may have gaps.
         self.classes = np.searchsorted(dataset.identities, dataset.labels).astype(np.int64)
 
@@ -193,23 +229,36 @@ class _BatchLoader:
         return self.preprocess.to_tensor(images), torch.from_numpy(self.classes[positions])
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (images (N, 3, h, w), classes (N,)) for one shuffled epoch; the last partial batch is dropped."""
+        """Yield (images (n, 3, h, w), classes (n,)) of this rank for one epoch; a last partial batch is dropped."""
+        self.sampler.set_epoch(epoch)
+        order = np.fromiter(iter(self.sampler), dtype=np.int64)
         rng = np.random.default_rng([self.config.seed, epoch])
-        order = rng.permutation(len(self.dataset))
-        flips = rng.random(len(order)) < 0.5 if self.config.flip else np.zeros(len(order), dtype=bool)
-        size = self.config.batch_size
-        batches = [slice(start, start + size) for start in range(0, len(order) - size + 1, size)]
+        flips = rng.random(len(self.dataset)) < 0.5 if self.config.flip else np.zeros(len(self.dataset), dtype=bool)
+        size = self.local_batch
+        batches = [order[start:start + size] for start in range(0, self.steps_per_epoch() * size, size)]
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
-            pending = executor.submit(self._load, order[batches[0]], flips[batches[0]]) if batches else None
+            pending = executor.submit(self._load, batches[0], flips[batches[0]]) if batches else None
             for index in range(len(batches)):
                 batch = pending.result()
                 if index + 1 < len(batches):
                     following = batches[index + 1]
-                    pending = executor.submit(self._load, order[following], flips[following])
+                    pending = executor.submit(self._load, following, flips[following])
                 yield batch
 
     def steps_per_epoch(self) -> int:
         return len(self.dataset) // self.config.batch_size
+
+
+class _Trainee(nn.Module):
+    """The backbone and the MagLoss head as one module, so that one DDP wrapper syncs both."""
+
+    def __init__(self, model: nn.Module, head: MagLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.head = head
+
+    def forward(self, images: torch.Tensor, classes: torch.Tensor):
+        return self.head(self.model(images), classes)
 
 
 class _EpochStats:
@@ -239,6 +288,19 @@ class _EpochStats:
             "acc": self.correct / max(self.samples, 1),
             "mag": float(latest.mean()),
         }
+
+    def merged(self) -> _EpochStats:
+        """Return the statistics of every rank together (this rank's alone for a single process)."""
+        parts = all_gather_objects((self.samples, self.sums, self.correct, self.magnitudes))
+        merged = _EpochStats()
+        merged.steps = self.steps
+        for samples, sums, correct, magnitudes in parts:
+            merged.samples += samples
+            merged.correct += correct
+            merged.magnitudes.extend(magnitudes)
+            for name, total in sums.items():
+                merged.sums[name] += total
+        return merged
 
     def summary(self) -> dict[str, Any]:
         magnitudes = np.concatenate(self.magnitudes) if self.magnitudes else np.zeros(0)
@@ -313,26 +375,33 @@ def pretrain(
         model.to(device)
     device = next(model.parameters()).device
 
+    context = current_context()
+    _check_global_batch(config, context)
     torch.manual_seed(config.seed)
     head = MagLoss(spec.embedding_size, len(dataset.identities), config.loss).to(device)
-    parameters = [*model.parameters(), *head.parameters()]
-    optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    loader = _BatchLoader(dataset, spec, config)
+    trainee = _Trainee(model, head)
+    # Every rank built the same centres from the same seed; DDP also broadcasts rank 0's at the start.
+    engine = DistributedDataParallel(trainee, device_ids=[device] if device.type == "cuda" else None) \
+        if context.enabled else trainee
+    optimizer = torch.optim.SGD(
+        trainee.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    loader = _BatchLoader(dataset, spec, config, context)
     steps_per_epoch = loader.steps_per_epoch()
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     logger.info(
-        "MagLoss training: %d images of %d identities, %d epochs of %d steps (batch %d), %s schedule from lr %g",
+        "MagLoss training: %d images of %d identities, %d epochs of %d steps (batch %d over %d process%s), "
+        "%s schedule from lr %g",
         len(dataset), len(dataset.identities), config.epochs, steps_per_epoch, config.batch_size,
-        config.schedule, config.lr,
+        context.world_size, "" if context.world_size == 1 else "es", config.schedule, config.lr,
     )
 
     history: list[dict[str, Any]] = []
     step = 0
     started = time.perf_counter()
-    model.train()
-    head.train()
+    trainee.train()
     with _torch_threads(config.threads):
         for epoch in range(config.epochs):
             if step >= total_steps:
@@ -342,29 +411,21 @@ def pretrain(
                 total=min(steps_per_epoch, total_steps - step),
                 desc=f"pretrain epoch {epoch + 1}/{config.epochs}",
                 unit="step",
-                disable=not progress,
+                disable=not (progress and context.is_main),
             )
             for images, classes in loader.epoch(epoch):
                 if step >= total_steps:
                     break
-                lr = learning_rate_at(config, step / steps_per_epoch)
-                _set_lr(optimizer, lr)
-                images, classes = images.to(device), classes.to(device)
-                output = head(model(images), classes)
-                if not torch.isfinite(output.loss):
-                    raise FloatingPointError(
-                        f"MagLoss became {output.loss.item()} at step {step}; lower pretrain.lr or check the data"
-                    )
+                _set_lr(optimizer, learning_rate_at(config, step / steps_per_epoch))
                 optimizer.zero_grad(set_to_none=True)
-                output.loss.backward()
+                _train_step(engine, images.to(device), classes.to(device), config.accumulation_steps, stats, step)
                 optimizer.step()
-                stats.add(output, classes)
                 step += 1
                 bar.update()
                 bar.set_postfix({name: f"{value:.3g}" for name, value in stats.running().items()})
             bar.close()
             summary = {"epoch": epoch + 1, "steps": step, "lr": learning_rate_at(config, step / steps_per_epoch)}
-            summary.update(stats.summary())
+            summary.update(stats.merged().summary())
             history.append(summary)
             logger.info(
                 "epoch %d: loss %.4f (cross entropy %.4f, g %.5f), train accuracy %.4f, magnitude %.2f +- %.2f",
@@ -376,6 +437,37 @@ def pretrain(
     seconds = time.perf_counter() - started
     logger.info("MagLoss training took %.1f s for %d steps", seconds, step)
     return PretrainResult(history=history, head=head, steps=step, seconds=seconds, feasibility=head.feasibility)
+
+
+def _check_global_batch(config: PretrainConfig, context: DistributedContext) -> None:
+    chunks = context.world_size * config.accumulation_steps
+    if config.batch_size % chunks:
+        raise ValueError(
+            f"pretrain batch_size {config.batch_size} does not split into {context.world_size} processes x "
+            f"{config.accumulation_steps} accumulation steps; choose a batch size that is a multiple of {chunks}"
+        )
+
+
+def _train_step(
+    engine: nn.Module, images: torch.Tensor, classes: torch.Tensor, chunks: int, stats: _EpochStats, step: int
+) -> None:
+    """Accumulate the gradients of one rank's share of a batch, in ``chunks`` strided chunks.
+
+    Chunk ``c`` holds every ``chunks``-th image from the ``c``-th on, the
+    share a rank of a ``chunks``-times larger run would get. DDP exchanges
+    gradients only after the last chunk.
+    """
+    for chunk in range(chunks):
+        last = chunk == chunks - 1
+        sync = contextlib.nullcontext() if last or not hasattr(engine, "no_sync") else engine.no_sync()
+        with sync:
+            output = engine(images[chunk::chunks], classes[chunk::chunks])
+            if not torch.isfinite(output.loss):
+                raise FloatingPointError(
+                    f"MagLoss became {output.loss.item()} at step {step}; lower pretrain.lr or check the data"
+                )
+            (output.loss / chunks).backward()
+        stats.add(output, classes[chunk::chunks])
 
 
 def save_pretrained(
