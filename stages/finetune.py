@@ -141,7 +141,14 @@ def run(args: argparse.Namespace, source: ModelSource, params: FinetuneStagePara
     noise: dict[str, Any] = {"key": args.noise_key}
     if args.noise_key:
         noise["requested_rate"] = noise_rate_for(args.noise_key, args.params)
-        feedback = relabel(feedback, noise["requested_rate"], params.noise_seed)
+        noise["applied"] = feedback.truth is not None
+        if noise["applied"]:
+            feedback = relabel(feedback, noise["requested_rate"], params.noise_seed)
+        else:
+            # Human feedback has no true labels to re-draw, so the sweep keeps `dvc repro` whole and
+            # trains every noise key on the answers as given.
+            noise["applied_reason"] = "human feedback has no true labels; trained on the answers as given"
+            logger.warning("sweep key %s: %s", args.noise_key, noise["applied_reason"])
     noise["realized_rate"] = realized_noise_rate(feedback)
     if feedback.truth is None:
         noise["realized_rate_reason"] = "the feedback has no true labels"

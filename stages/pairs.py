@@ -128,6 +128,20 @@ def _simulated_feedback(dataset: FaceRecordDataset, split: IdentitySplit, params
     return simulate_feedback(pairs, params.correct_rate, seed=np.random.default_rng([params.seed, 3]))
 
 
+FEEDBACK_FOLDER = Path("feedback")
+
+
+def _warn_outside_feedback_folder(feedback_file: str) -> None:
+    """Warn when DVC cannot see changes of the feedback file: only the feedback/ folder is a dependency."""
+    path = Path(feedback_file).resolve()
+    if FEEDBACK_FOLDER.resolve() not in path.parents:
+        logger.warning(
+            "pairs.feedback_file %s is outside %s/, which is the folder dvc.yaml declares as a dependency; "
+            "DVC will not rerun this stage when the file changes. Move the file into %s/",
+            feedback_file, FEEDBACK_FOLDER, FEEDBACK_FOLDER,
+        )
+
+
 def run(args: argparse.Namespace, params: PairsParams) -> dict:
     dataset = FaceRecordDataset(args.data)
     index = _image_index(dataset)
@@ -144,6 +158,7 @@ def run(args: argparse.Namespace, params: PairsParams) -> dict:
     )
 
     if params.feedback_file:
+        _warn_outside_feedback_folder(params.feedback_file)
         imported = read_feedback_json(
             params.feedback_file, index, on_error=params.on_error, allowed_identities=split.feedback
         )

@@ -26,7 +26,7 @@ UP_TO_DATE = "Data and pipelines are up to date"
 
 # Tracked or not yet committed files under these names make up the project.
 # Everything else (outputs, caches, tests, benchmarks) is left out of the copy.
-PROJECT_DIRS = ("src/", "stages/", ".dvc/")
+PROJECT_DIRS = ("src/", "stages/", ".dvc/", "feedback/")
 PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pyproject.toml")
 SKIPPED_PARTS = ("__pycache__", ".egg-info")
 

@@ -94,15 +94,46 @@ def test_rounds_summary_names_every_strategy(records):
     summary = summarize(records)
     assert set(summary["strategies"]) == set(STRATEGIES)
     assert summary["budget"] == 12
-    assert summary["strategies"]["random"]["labels_to_reach_control"] <= 12
+    random = summary["strategies"]["random"]
+    if summary["target_accuracy"] > summary["pretrained_accuracy"]:
+        # The control ends at its own target, so it reaches it within the budget.
+        assert random["labels_to_reach_control"] <= 12
+    else:
+        assert "no gain to reach" in random["labels_to_reach_control_reason"]
 
 
-def test_labels_to_reach_first_crossing():
+def test_rounds_finetune_reuses_trunk_cache(faces, tiny_model, monkeypatch):
+    import magface_al.training.finetune as finetune_module
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("fine-tuning recomputed trunk outputs that simulate_rounds had cached")
+
+    monkeypatch.setattr(finetune_module, "compute_trunk_features", no_recompute)
+    model, spec = tiny_model
+    identities = np.unique(faces.labels)
+    val = sample_pairs(faces.keys, faces.labels, num_same=4, num_different=4, seed=2, identities=identities[6:9])
+    test = sample_pairs(faces.keys, faces.labels, num_same=4, num_different=4, seed=3, identities=identities[9:])
+    pool_keys = faces.keys[np.isin(faces.labels, identities[:6])]
+    config = RoundsConfig(strategies=["random"], rounds=1, batch_size=4, random_count=10, neighbours=1, farthest=1)
+    finetune_config = FinetuneConfig(epochs=1, batch_size=4, early_stopping="none")
+    records = simulate_rounds(model, spec, faces, pool_keys, val, test, config, finetune_config)
+    assert [r["round"] for r in records] == [0, 1]
+
+
+def test_labels_to_reach_stable_crossing():
     labels = np.array([0, 10, 20, 30])
     accuracy = np.array([0.80, 0.84, 0.83, 0.86])
-    assert labels_to_reach(labels, accuracy, 0.84) == 10
+    # 0.84 is touched at 10 labels, lost at 20 and held from 30 on.
+    assert labels_to_reach(labels, accuracy, 0.84) == 30
+    assert labels_to_reach(labels, accuracy, 0.83) == 10
     assert labels_to_reach(labels, accuracy, 0.85) == 30
     assert labels_to_reach(labels, accuracy, 0.90) is None
+    assert labels_to_reach(labels, accuracy, 0.80) == 0
+
+
+def test_labels_to_reach_curve_ending_below():
+    labels = np.array([0, 10, 20])
+    assert labels_to_reach(labels, np.array([0.80, 0.90, 0.85]), 0.88) is None
 
 
 def test_summarize_hand_made_curves():
@@ -117,7 +148,19 @@ def test_summarize_hand_made_curves():
     assert summary["strategies"]["uncertainty"]["labels_to_reach_control"] == 50
     assert summary["strategies"]["uncertainty"]["label_fraction_of_control"] == pytest.approx(0.5)
     assert summary["strategies"]["hard"]["labels_to_reach_control"] is None
-    assert "stays below 0.8400" in summary["strategies"]["hard"]["labels_to_reach_control_reason"]
+    assert "ends below 0.8400" in summary["strategies"]["hard"]["labels_to_reach_control_reason"]
+
+
+def test_summarize_control_without_gain():
+    records = []
+    for strategy, curve in {"random": [0.80, 0.81, 0.80], "uncertainty": [0.80, 0.80, 0.80]}.items():
+        for round_number, accuracy in enumerate(curve):
+            records.append({"strategy": strategy, "seed": 0, "round": round_number,
+                            "labels": 50 * round_number, "test_accuracy": accuracy})
+    summary = summarize(records)
+    for entry in summary["strategies"].values():
+        assert entry["labels_to_reach_control"] is None
+        assert "no gain to reach" in entry["labels_to_reach_control_reason"]
 
 
 def test_learning_curves_average_seeds():

@@ -8,7 +8,11 @@ few informative candidates per image:
 - the farthest images of the image's own identity (the likeliest false
   non-matches),
 - random pairs, half of the same identity and half of different ones, so
-  that the random control strategy draws from an unbiased sample.
+  that the candidates also hold pairs that mining would not pick.
+
+The random control strategy draws uniformly from all candidates, the mined
+ones included. It therefore asks mostly hard pairs and is a strong control,
+not a sample of all possible pairs.
 
 Nearest neighbours come from an exact blockwise search in numpy for small
 pools, or from an approximate index (faiss HNSW when it is installed) or

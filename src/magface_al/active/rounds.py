@@ -163,6 +163,7 @@ def _run_strategy(
     finetune_config: FinetuneConfig,
     evaluate: _Evaluator,
     start: _Evaluation,
+    cache: FeatureCache,
     device: torch.device | None,
 ) -> list[dict[str, Any]]:
     rng = np.random.default_rng([seed, STRATEGIES.index(strategy)])
@@ -185,7 +186,9 @@ def _run_strategy(
         )
         new_pairs = _simulate_labels(selected, config.correct_rate, rng)
         labelled = Pairs.concatenate([labelled, new_pairs])
-        tuned = finetune(model, spec, dataset, labelled, val_pairs, finetune_config, device=device)
+        # The cache contains every pool and validation image, so fine-tuning runs only the head.
+        tuned = finetune(model, spec, dataset, labelled, val_pairs, finetune_config, device=device,
+                         trunk_cache=cache)
         current = evaluate(tuned.model)
         point = {
             "strategy": strategy, "seed": seed, "round": round_number, "labels": len(labelled),
@@ -248,7 +251,7 @@ def simulate_rounds(
                 _run_strategy(
                     strategy, config.seed + repeat, model=model, spec=spec, dataset=dataset, pool_keys=pool_keys,
                     pool_labels=pool_labels, val_pairs=val_pairs, config=config, finetune_config=finetune_config,
-                    evaluate=evaluate, start=start, device=device,
+                    evaluate=evaluate, start=start, cache=cache, device=device,
                 )
             )
     return records
@@ -269,9 +272,19 @@ def learning_curves(records: list[dict[str, Any]]) -> dict[str, tuple[np.ndarray
 
 
 def labels_to_reach(labels: np.ndarray, accuracy: np.ndarray, target: float, *, tolerance: float = 1e-9) -> int | None:
-    """Return the fewest labels at which a curve first reaches ``target``, or None if it never does."""
-    reached = np.flatnonzero(np.asarray(accuracy) >= target - tolerance)
-    return int(labels[reached[0]]) if len(reached) else None
+    """Return the fewest labels from which a curve stays at or above ``target``, or None if its end is below.
+
+    A noisy curve that touches the target once and falls back does not count
+    until it stays there: the answer is the first point after the last one
+    below the target. Round 0 (no labels) counts only if the whole curve is
+    at or above the target.
+    """
+    below = np.flatnonzero(np.asarray(accuracy) < target - tolerance)
+    if not len(below):
+        return int(labels[0])
+    if below[-1] == len(accuracy) - 1:
+        return None
+    return int(labels[below[-1] + 1])
 
 
 def summarize(records: list[dict[str, Any]], *, control: str = "random") -> dict[str, Any]:
@@ -280,8 +293,9 @@ def summarize(records: list[dict[str, Any]], *, control: str = "random") -> dict
     Returns:
         A strict-JSON-ready mapping with the control's final accuracy and
         label budget, and per strategy its final accuracy and
-        ``labels_to_reach_control`` (None with a reason when the curve never
-        reaches the target).
+        ``labels_to_reach_control`` (None with a reason when the curve does
+        not end at the target, or when the control gained nothing over the
+        pretrained model, so that there is no gain to reach).
     """
     curves = learning_curves(records)
     if control not in curves:
@@ -295,15 +309,21 @@ def summarize(records: list[dict[str, Any]], *, control: str = "random") -> dict
         "pretrained_accuracy": float(control_accuracy[0]),
         "strategies": {},
     }
+    no_gain = target <= float(control_accuracy[0])
     for strategy, (labels, accuracy) in curves.items():
-        needed = labels_to_reach(labels, accuracy, target)
+        needed = None if no_gain else labels_to_reach(labels, accuracy, target)
         entry: dict[str, Any] = {
             "final_accuracy": float(accuracy[-1]),
             "labels_to_reach_control": needed,
         }
-        if needed is None:
+        if no_gain:
             entry["labels_to_reach_control_reason"] = (
-                f"the curve stays below {target:.4f} within {int(labels[-1])} labels"
+                f"{control} selection ended at {target:.4f}, no better than the pretrained "
+                f"{float(control_accuracy[0]):.4f}, so there is no gain to reach"
+            )
+        elif needed is None:
+            entry["labels_to_reach_control_reason"] = (
+                f"the curve ends below {target:.4f} at {int(labels[-1])} labels"
             )
         else:
             entry["label_fraction_of_control"] = needed / max(int(control_labels[-1]), 1)
