@@ -248,3 +248,19 @@ def test_cli_embed_torchrun_shares_auto_choice(
     single, merged = _arrays(tmp_path / "single"), _arrays(tmp_path / "auto")
     assert np.array_equal(single["keys"], merged["keys"])
     assert np.array_equal(single["features"], merged["features"]), f"{chosen}: ranks and one process differ"
+
+
+def test_launcher_environment_endpoint_overrides_params(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAGFACE_AL_RDZV_ENDPOINT", "job-node:29400")
+    params = DistributedParams(nnodes=2, rdzv_endpoint="stale-node:29500")
+    assert "--rdzv-endpoint=job-node:29400" in torchrun_arguments(params, "s.py", [])
+
+
+def test_merge_names_the_rank_whose_shard_is_missing(tmp_path: Path) -> None:
+    from magface_al.distributed.embedding import _expected_shards, shard_folder
+
+    out = tmp_path / "embeddings"
+    shard_folder(out, 0).mkdir(parents=True)
+    (shard_folder(out, 0) / "features.npy").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="the shard of rank 1 is missing"):
+        _expected_shards(out, 64, 16, 2)

@@ -104,11 +104,32 @@ def embed_sharded(
         embed_local(keys=keys[start:stop], out_dir=shard_folder(out_dir, context.rank), batch_size=batch_size, **options)
     barrier()
     if context.is_main:
-        folders = [shard_folder(out_dir, rank) for rank in range(context.world_size)]
-        merge_shards([folder for folder in folders if folder.is_dir()], out_dir)
+        merge_shards(_expected_shards(out_dir, len(keys), batch_size, context.world_size), out_dir)
         shutil.rmtree(root, ignore_errors=True)
     barrier()
     return load_embeddings(out_dir)
+
+
+def _expected_shards(out_dir: Path, count: int, batch_size: int, world_size: int) -> list[Path]:
+    """Return the shard folders of the ranks that had rows, checking that each exists.
+
+    Raises:
+        FileNotFoundError: if a rank's shard is missing, which happens when the
+            ranks of several machines do not share the output's file system.
+    """
+    folders = []
+    for rank in range(world_size):
+        start, stop = shard_range(count, batch_size, rank, world_size)
+        if stop == start:
+            continue
+        folder = shard_folder(out_dir, rank)
+        if not (folder / "features.npy").is_file():
+            raise FileNotFoundError(
+                f"the shard of rank {rank} is missing at {folder}; all ranks must write to one file system "
+                "(on several machines, put the project on shared storage)"
+            )
+        folders.append(folder)
+    return folders
 
 
 def merge_shards(folders: Sequence[Path], out_dir: Path) -> None:

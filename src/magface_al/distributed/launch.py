@@ -9,7 +9,7 @@ The section (all keys optional)::
     distributed:
       nproc_per_node: 1        # processes per machine: one per GPU, or CPU ranks
       nnodes: 1                # machines; above 1 a rendezvous endpoint is needed
-      rdzv_endpoint: null      # host:port every node reaches; null reads MAGFACE_AL_RDZV_ENDPOINT
+      rdzv_endpoint: null      # host:port every node reaches; MAGFACE_AL_RDZV_ENDPOINT overrides it
       rdzv_id: magface-al      # names the run at the rendezvous
       threads_per_process: null  # torch CPU threads per rank; null shares the cores evenly
 
@@ -63,7 +63,8 @@ def torchrun_arguments(params: DistributedParams, script: str, script_args: Sequ
     if params.nnodes == 1:
         arguments.append("--standalone")
     else:
-        endpoint = params.rdzv_endpoint or os.environ.get(ENDPOINT_VARIABLE)
+        # The job's variable wins: the endpoint changes from job to job, params.yaml does not.
+        endpoint = os.environ.get(ENDPOINT_VARIABLE) or params.rdzv_endpoint
         if not endpoint:
             raise ValueError(
                 f"distributed.nnodes is {params.nnodes}, but no rendezvous endpoint is set; set "
@@ -75,7 +76,7 @@ def torchrun_arguments(params: DistributedParams, script: str, script_args: Sequ
 
 
 def threads_per_process(params: DistributedParams) -> int:
-    """Torch CPU threads per rank: the setting, or this machine's cores shared evenly."""
+    """Return the torch CPU threads per rank: the setting, or this machine's cores shared evenly."""
     if params.threads_per_process is not None:
         return params.threads_per_process
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -83,7 +84,10 @@ def threads_per_process(params: DistributedParams) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m magface_al.distributed.launch", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--params", default="params.yaml", help="params file with the distributed section")
     parser.add_argument("script", help="the stage script to run on every rank")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments of the stage script")
@@ -93,10 +97,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
-    params = load_section(DistributedParams, "distributed", args.params)
-    # torchrun would set OMP_NUM_THREADS=1 for several ranks; an explicit value keeps the cores busy.
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(params)))
-    arguments = torchrun_arguments(params, args.script, args.script_args)
+    try:
+        params = load_section(DistributedParams, "distributed", args.params)
+        arguments = torchrun_arguments(params, args.script, args.script_args)
+    except ValueError as error:  # ParamsError is a ValueError too
+        logger.error("%s: %s", args.params, error)
+        return 2
+    # torchrun would set OMP_NUM_THREADS=1 for several ranks. An explicit threads_per_process wins over
+    # the environment (clusters often export OMP_NUM_THREADS=1); otherwise the environment's value does.
+    if params.threads_per_process is not None:
+        os.environ["OMP_NUM_THREADS"] = str(params.threads_per_process)
+    else:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(params)))
     logger.info("torchrun %s (OMP_NUM_THREADS=%s)", " ".join(arguments), os.environ["OMP_NUM_THREADS"])
     from torch.distributed.run import main as torchrun_main
 
