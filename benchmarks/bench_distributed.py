@@ -15,8 +15,9 @@ inside the ranks, between barriers:
   iResNet on generated faces, global batch 128, after 3 warm-up steps.
 
 It prints images/s per layout and the ratio of the two-rank layout to the
-one-rank layout: a ratio below 1 is the cost of the gradient exchange and
-the merge, above 1 the gain from two independent processes over two threads.
+one-rank layout. A ratio below 1 is the cost of the gradient exchange and
+the merge. A ratio above 1 is the gain of two independent processes over
+two threads.
 """
 
 from __future__ import annotations

@@ -145,9 +145,9 @@ def run(args: argparse.Namespace, source: ModelSource, params: FinetuneStagePara
         if noise["applied"]:
             feedback = relabel(feedback, noise["requested_rate"], params.noise_seed)
         else:
-            # Human feedback has no true labels to re-draw, so the sweep keeps `dvc repro` whole and
-            # trains every noise key on the answers as given.
-            noise["applied_reason"] = "human feedback has no true labels; trained on the answers as given"
+            # Human feedback has no true labels to re-draw. The sweep then trains every noise key on
+            # the labels as given, so that `dvc repro` still completes.
+            noise["applied_reason"] = "human feedback has no true labels; trained on the labels as given"
             logger.warning("sweep key %s: %s", args.noise_key, noise["applied_reason"])
     noise["realized_rate"] = realized_noise_rate(feedback)
     if feedback.truth is None:

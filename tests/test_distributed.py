@@ -80,7 +80,8 @@ def test_single_process_context_without_torchrun(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     context = init_distributed(torch.device("cpu"))
     assert context == DistributedContext()
-    assert current_context().is_main and not current_context().enabled
+    assert current_context().is_main
+    assert not current_context().enabled
 
 
 def test_init_without_rendezvous_variables_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,7 +104,8 @@ def test_launcher_single_node_is_standalone() -> None:
 def test_launcher_several_nodes_use_the_rendezvous(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MAGFACE_AL_RDZV_ENDPOINT", "node1:29500")
     arguments = torchrun_arguments(DistributedParams(nproc_per_node=8, nnodes=2), "s.py", [])
-    assert "--rdzv-endpoint=node1:29500" in arguments and "--rdzv-backend=c10d" in arguments
+    assert "--rdzv-endpoint=node1:29500" in arguments
+    assert "--rdzv-backend=c10d" in arguments
     assert "--standalone" not in arguments
 
 
@@ -160,8 +162,8 @@ def test_ddp_magloss_matches_accumulated_single_process(synthetic_faces: Path, t
              "--accumulation", "2")
     torchrun(1, "pretrain", str(synthetic_faces), str(tmp_path / "one"), "--steps", "6", "--batch-size", "16")
     two, accumulated = _weights(tmp_path / "two"), _weights(tmp_path / "accumulated")
-    # Stated tolerance: 1e-5 absolute on weights of magnitude up to ~1e3 after 6 SGD steps; the runs
-    # do the same arithmetic except for the order of the gradient sum.
+    # Stated tolerance: 1e-5 absolute on weights of magnitude up to ~1e3 after 6 SGD steps. The runs
+    # do the same arithmetic, except for the order of the gradient sum.
     assert _max_parameter_difference(two, accumulated) <= 1e-5
     history_two = json.loads((tmp_path / "two" / "history.json").read_text())
     history_accumulated = json.loads((tmp_path / "accumulated" / "history.json").read_text())
@@ -215,7 +217,8 @@ def test_killed_rank_leaves_no_output(lfw_dir: Path, mobilefacenet_ckpt: Path, t
     victim.send_signal(signal.SIGKILL)
     output, _ = run.communicate(timeout=300)
     assert run.returncode != 0
-    assert "rank      : 1" in output and "Signal 9 (SIGKILL)" in output, output[-3000:]
+    assert "rank      : 1" in output, output[-3000:]
+    assert "Signal 9 (SIGKILL)" in output, output[-3000:]
     assert not out.exists(), "a killed run must not leave an output folder"
     # The next run removes the stale shards and completes.
     torchrun(2, "embed", str(lfw_dir), str(mobilefacenet_ckpt), str(out), "--count", "64", "--batch-size", "16")

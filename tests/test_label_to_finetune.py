@@ -1,11 +1,13 @@
-"""Answers from the labelling page, given in real headless Chromium, drive `dvc repro` of the finetune stage.
+"""Labels given on the labelling page in real headless Chromium drive `dvc repro` of the finetune stage.
 
 In a copy of the project with tests/tiny_params.yaml, DVC runs the pipeline up
 to the select stage. ``magface-al label`` serves the selected pairs, and
 Chromium answers them by key and by click, "not sure" included. The feedback
 file then becomes ``pairs.feedback_file`` in the copy's params.yaml, as the
 README tells a user to do, and ``dvc repro finetune`` must re-import the pairs
-and train on exactly the pairs answered "same" or "different".
+and train on exactly the pairs answered "same" or "different". The whole
+``dvc repro`` then completes on the human feedback, and a changed feedback
+file makes the pairs stage stale.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from test_label_browser import (  # noqa: F401 (playwright_api and label_command
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 FEEDBACK_FILE = "feedback/human.json"
-# How the page is answered, cycling over the selected pairs (five with the tiny params): (answer, "key" or "click").
+# The answer and input method ("key" or "click") per selected pair, in order (five pairs with the tiny params).
 ANSWER_PLAN = [("same", "key"), ("different", "click"), ("not_sure", "key"), ("same", "click"), ("different", "key")]
 KEYS = {"same": "s", "different": "d", "not_sure": "n"}
 BUTTONS = {"same": "#btn-same", "different": "#btn-different", "not_sure": "#btn-not-sure"}
@@ -144,4 +146,5 @@ def test_label_answers_drive_finetune_repro(playwright_api, label_command, selec
     changed["pairs"] = changed["pairs"][:-1]
     (repo / FEEDBACK_FILE).write_text(json.dumps(changed), encoding="utf-8")
     status = dvc(repo, "status", "pairs").stdout
-    assert "changed deps" in status and "feedback" in status, status
+    assert "changed deps" in status, status
+    assert "feedback" in status, status

@@ -11,7 +11,7 @@ few informative candidates per image:
   that the candidates also hold pairs that mining would not pick.
 
 The random control strategy draws uniformly from all candidates, the mined
-ones included. It therefore asks mostly hard pairs and is a strong control,
+ones included. It therefore selects mostly hard pairs and is a strong control,
 not a sample of all possible pairs.
 
 Nearest neighbours come from an exact blockwise search in numpy for small

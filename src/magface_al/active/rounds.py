@@ -275,7 +275,7 @@ def labels_to_reach(labels: np.ndarray, accuracy: np.ndarray, target: float, *, 
     """Return the fewest labels from which a curve stays at or above ``target``, or None if its end is below.
 
     A noisy curve that touches the target once and falls back does not count
-    until it stays there: the answer is the first point after the last one
+    until it stays there, so the result is the first point after the last one
     below the target. Round 0 (no labels) counts only if the whole curve is
     at or above the target.
     """

@@ -2,8 +2,8 @@
 
 ``torchrun`` starts one process per rank and sets ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. :func:`init_distributed`
-reads them and joins the process group (NCCL when the rank has a working
-GPU, gloo otherwise); without them, or with ``WORLD_SIZE=1``, a run is a
+reads them and joins the process group: NCCL when the rank has a working
+GPU, gloo otherwise. Without them, or with ``WORLD_SIZE=1``, a run is a
 single process and nothing is initialized. Library code asks
 :func:`current_context` for its rank, so the same function runs alone or as
 one rank of many.
@@ -25,15 +25,15 @@ from magface_al.models.device import select_device
 
 logger = logging.getLogger(__name__)
 
-# How long a collective waits for the slowest rank. Long enough for one rank
-# to embed a large shard while the others wait at the merge barrier; a crashed
-# rank is noticed sooner than this, because torchrun stops the survivors.
+# How long a collective waits for the slowest rank: long enough for one rank
+# to embed a large shard while the others wait at the merge barrier. On one
+# node a crash ends the run sooner, because torchrun stops the other ranks.
 DEFAULT_TIMEOUT_MINUTES = 120.0
 
 
 @dataclass(frozen=True)
 class DistributedContext:
-    """Where this process stands in its run.
+    """The position of this process in its run.
 
     Attributes:
         rank: global rank, 0 to world_size - 1.
@@ -104,7 +104,7 @@ def init_distributed(device: torch.device, *, timeout_minutes: float = DEFAULT_T
     Args:
         device: this rank's device (see :func:`rank_device`); a CUDA device
             selects NCCL, the CPU selects gloo.
-        timeout_minutes: the longest a collective waits for the other ranks.
+        timeout_minutes: the maximum time a collective waits for the other ranks.
 
     Raises:
         RuntimeError: if ``WORLD_SIZE`` > 1 but torchrun's rendezvous
@@ -121,6 +121,7 @@ def init_distributed(device: torch.device, *, timeout_minutes: float = DEFAULT_T
             f"WORLD_SIZE={world_size} but {', '.join(missing)} is not set; start the run with torchrun "
             "(or python -m magface_al.distributed.launch), which sets them"
         )
+    # NOTE: only gloo on one machine has run; NCCL and multi-node rendezvous are untested.
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)

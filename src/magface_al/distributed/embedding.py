@@ -1,10 +1,10 @@
 """Embedding split across the ranks of a torchrun run, merged into exactly the single-process output.
 
 Every rank takes a contiguous run of whole batches of the requested images.
-Because the batches are the ones a single process would form, each image
-goes through the same forward pass with the same neighbours in its batch,
-and the merged rows equal the single-process rows bit for bit (given the
-same device and thread count per forward pass).
+These are the batches a single process would form, so each image goes
+through the same forward pass with the same neighbours in its batch. The
+merged rows therefore equal the single-process rows bit for bit, given the
+same device and thread count per forward pass.
 
 With an output folder, each rank streams its shard into a folder of its own
 beside it; after a barrier rank 0 concatenates the shards in rank order into
@@ -52,12 +52,12 @@ def shard_range(count: int, batch_size: int, rank: int, world_size: int) -> tupl
 
 
 def shard_folder(out_dir: Path, rank: int) -> Path:
-    """The folder ``rank`` writes its shard to, hidden beside ``out_dir`` (see :func:`shards_root`)."""
+    """Return the folder ``rank`` writes its shard to, hidden beside ``out_dir`` (see :func:`shards_root`)."""
     return shards_root(out_dir) / f"rank-{rank:05d}"
 
 
 def shards_root(out_dir: Path) -> Path:
-    """The hidden folder next to ``out_dir`` that holds the shards until rank 0 merges them."""
+    """Return the hidden folder next to ``out_dir`` that contains the shards until rank 0 merges them."""
     return out_dir.with_name(f".{out_dir.name}.shards")
 
 
@@ -141,7 +141,10 @@ def merge_shards(folders: Sequence[Path], out_dir: Path) -> None:
     dimension = shards[0].dimension
     for folder, shard in zip(folders, shards):
         if shard.dimension != dimension:
-            raise ValueError(f"{folder} holds {shard.dimension}-d embeddings, the first shard {dimension}-d")
+            raise ValueError(
+                f"invalid shard {folder}: {shard.dimension}-d embeddings, expected {dimension}-d as in the first "
+                "shard; embed again with one model"
+            )
     meta = {name: value for name, value in shards[0].meta.items() if name not in _DERIVED_META}
     with atomic_path(out_dir, is_dir=True) as tmp:
         for name in ARRAY_FILES:

@@ -226,7 +226,7 @@ def _make_optimizer(config: FinetuneConfig, parameters: list[nn.Parameter]) -> t
 class _HeadModule(nn.Module):
     """The trainable head as a module (``forward(trunk outputs) -> raw embeddings``), for DDP to wrap.
 
-    It holds the whole model, whose frozen trunk parameters DDP leaves out of
+    It contains the whole model, whose frozen trunk parameters DDP leaves out of
     the gradient exchange because they do not require gradients.
     """
 

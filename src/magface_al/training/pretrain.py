@@ -75,7 +75,7 @@ class PretrainConfig:
         max_steps: stop after this many steps (for quick checks); None trains all epochs.
         accumulation_steps: split each rank's share of a batch into this many
             chunks, run one after the other with their gradients summed (less
-            memory; BatchNorm then sees one chunk at a time).
+            memory; BatchNorm then normalizes one chunk at a time).
         threads: PyTorch CPU threads while training; None keeps the current setting.
         loss: MagLoss hyper-parameters.
     """
@@ -198,9 +198,9 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
 class _BatchLoader:
     """This rank's share of each global batch, decoded, flipped and preprocessed one batch ahead.
 
-    The order comes from a DistributedSampler seeded with ``config.seed`` (its
-    ``set_epoch`` reshuffles every epoch): the global batch of step ``i`` is
-    positions ``i * B`` to ``(i + 1) * B`` of the epoch's permutation, and rank
+    The order comes from a DistributedSampler seeded with ``config.seed``, and
+    its ``set_epoch`` reshuffles every epoch. The global batch of step ``i`` is
+    positions ``i * B`` to ``(i + 1) * B`` of the epoch's permutation. Rank
     ``r`` of ``W`` takes every ``W``-th of them from the ``r``-th on. The
     flips are drawn per image from the seed and the epoch, so they do not
     depend on the number of ranks. OpenCV's JPEG decoder and the resize
@@ -453,7 +453,7 @@ def _train_step(
 ) -> None:
     """Accumulate the gradients of one rank's share of a batch, in ``chunks`` strided chunks.
 
-    Chunk ``c`` holds every ``chunks``-th image from the ``c``-th on, the
+    Chunk ``c`` contains every ``chunks``-th image from the ``c``-th on, the
     share a rank of a ``chunks``-times larger run would get. DDP exchanges
     gradients only after the last chunk.
     """
